@@ -1,0 +1,36 @@
+"""``deepvit``: one command, subcommands from both halves.
+
+Serving subcommands (serve, inspect, bench) never import torch; model subcommands (export, verify, ...)
+import it when they run and say which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import model.cli
+    import service.cli
+
+    parser = argparse.ArgumentParser(prog="deepvit", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    service.cli.register(sub)
+    model.cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model_side", False):
+        import model.cli
+
+        return model.cli.run_handler(args.handler, args)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

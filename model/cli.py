@@ -1,0 +1,170 @@
+"""The model-side subcommands of ``deepvit``: export and verify (torch needed; imported when run)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+TRAIN_EXTRA_HINT = (
+    "this command needs PyTorch, which the serving install leaves out: "
+    "pip install 'deepvit-serve[train]' (or: make dev)"
+)
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"deepvit: {TRAIN_EXTRA_HINT}") from None
+
+
+def _add_model_choice(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--arch", help="an official variant, e.g. deepvit_S, deepvit_L, deepvit_patch16_224_re_attn_16b")
+    g.add_argument("--model-config", type=Path, metavar="FILE.json", help="a config in the official field names")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="checkpoint -> self-describing model.onnx, gated on parity with PyTorch")
+    _add_model_choice(p, required=True)
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--checkpoint", type=Path, help="official .pth.tar, a state dict, or a deepvit train checkpoint")
+    w.add_argument("--random-init", action="store_true", help="untrained weights (recorded as such)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (state_dict_ema)")
+    p.add_argument("--labels", type=Path, help="class names, one per line (default: ImageNet-1k for 1000 classes)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--name", help="model name recorded in the artifact (default: the arch or config file name)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    p.add_argument("--output", type=Path, required=True, metavar="PATH/model.onnx")
+    p.set_defaults(handler=_export, model_side=True)
+
+    p = sub.add_parser("verify", help="re-run the parity check of an artifact against its checkpoint")
+    p.add_argument("artifact", type=Path)
+    _add_model_choice(p, required=False)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--ema", action="store_true")
+    p.set_defaults(handler=_verify, model_side=True)
+
+
+def run_handler(handler: Any, args: argparse.Namespace) -> int:
+    """Turn the model side's domain errors into one clear line and a non-zero exit."""
+    _require_torch()
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .labels import LabelsError
+    from .verify import ParityError
+
+    try:
+        return int(handler(args))
+    except (CheckpointError, ConfigError, LabelsError, ParityError) as exc:
+        print(f"deepvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _log(msg: str) -> None:
+    print(f"deepvit: {msg}", file=sys.stderr, flush=True)
+
+
+def _config(args: argparse.Namespace) -> tuple[str, Any]:
+    from .config import DeepViTConfig, get_config
+
+    if args.model_config is not None:
+        return "custom", DeepViTConfig.from_json(args.model_config)
+    return args.arch, get_config(args.arch)
+
+
+def _export(args: argparse.Namespace) -> int:
+    _require_torch()
+    import torch
+
+    from .checkpoint import (
+        ClassCountMismatchError,
+        filter_state_dict,
+        load_weights,
+        read_checkpoint,
+        select_state_dict,
+        sha256_of,
+    )
+    from .export import ArtifactInfo, export_artifact
+    from .labels import default_labels, read_labels
+    from .net import DeepViT
+
+    arch, cfg = _config(args)
+    name = args.name or (args.arch if args.arch else args.model_config.stem)
+    labels = read_labels(args.labels) if args.labels else None
+    sd = None
+    if args.checkpoint is not None:
+        _log(f"reading checkpoint {args.checkpoint}…")
+        weights = "ema" if args.ema else "state_dict"
+        sd = filter_state_dict(select_state_dict(read_checkpoint(args.checkpoint), weights))
+        head = sd.get("head.weight")
+        ckpt_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
+        if labels is not None and ckpt_classes is not None and ckpt_classes != len(labels):
+            raise ClassCountMismatchError(
+                f"the checkpoint's head has {ckpt_classes} classes but {args.labels} has {len(labels)} "
+                "names; give a labels file with one line per class"
+            )
+        if ckpt_classes is not None:
+            cfg = cfg.replace(num_classes=ckpt_classes)
+    elif args.ema:
+        raise SystemExit("deepvit export: --ema needs --checkpoint")
+    if labels is not None:
+        if len(labels) != cfg.num_classes and sd is None and args.model_config is not None:
+            raise ClassCountMismatchError(
+                f"{args.labels} has {len(labels)} names but the config says num_classes={cfg.num_classes}"
+            )
+        cfg = cfg.replace(num_classes=len(labels))
+    labels = labels or default_labels(cfg.num_classes)
+    _log(f"building {arch} ({cfg.depth} blocks, dim {cfg.embed_dim}, {cfg.num_classes} classes)…")
+    torch.manual_seed(args.seed)
+    model = DeepViT(cfg).eval()
+    sha = None
+    if sd is not None:
+        load_weights(model, sd, arch)
+        sha = sha256_of(args.checkpoint)
+        source = "ema" if args.ema else "state_dict"
+    else:
+        source = "random_init"
+        _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
+    info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision)
+    export_artifact(model, info, args.output, log=_log)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _require_torch()
+    import json
+
+    import onnx
+
+    from .checkpoint import load_checkpoint
+    from .config import DeepViTConfig
+    from .export import ImageClassifier
+    from .net import DeepViT
+    from .verify import check_parity
+
+    proto = onnx.load(str(args.artifact), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "deepvit.config" not in meta:
+        raise SystemExit(f"deepvit verify: {args.artifact} has no deepvit metadata; was it made by deepvit export?")
+    if args.arch or args.model_config:
+        arch, cfg = _config(args)
+        cfg = cfg.replace(num_classes=int(meta["deepvit.num_classes"]))
+    else:
+        arch, cfg = meta.get("deepvit.arch", "custom"), DeepViTConfig.from_dict(json.loads(meta["deepvit.config"]))
+    model = DeepViT(cfg).eval()
+    sha = load_checkpoint(model, args.checkpoint, "ema" if args.ema else "state_dict", arch)
+    recorded = meta.get("deepvit.checkpoint_sha256", "")
+    if recorded and recorded != sha:
+        _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
+    report = check_parity(
+        ImageClassifier(model).eval(), str(args.artifact), meta.get("deepvit.precision", "fp32"), cfg.img_size
+    )
+    print(json.dumps(report.to_dict(), indent=2))
+    if not report.passed:
+        _log(f"parity FAILED: {report.summary()}")
+        return 1
+    _log(f"parity ok: {report.summary()}")
+    return 0

@@ -1,0 +1,154 @@
+"""Export a DeepViT to the one self-describing artifact the service loads (see DESIGN.md, section 1).
+
+The graph takes ``uint8 [N, crop, crop, 3]`` RGB and does cast, normalisation and NHWC→NCHW itself, so a
+client or the service only resizes and crops. ``metadata_props`` carry everything the service needs.
+The parity gate runs before anything is written; the file appears by an atomic rename or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .config import DeepViTConfig
+from .net import DeepViT
+from .verify import ParityError, ParityReport, check_parity
+
+Precision = Literal["fp32", "fp16"]
+WeightsSource = Literal["state_dict", "ema", "random_init"]
+SCHEMA_VERSION = "1"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+OPSET = 18
+
+
+class ImageClassifier(nn.Module):
+    """uint8 NHWC RGB in, float32 logits out: preprocessing after the crop lives inside the graph."""
+
+    def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        pre = model.cfg.preprocessing
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=dtype).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std, dtype=dtype).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = image.permute(0, 3, 1, 2).to(self.dtype)  # (N, 3, H, W)
+        x = (x / 255.0 - self.mean) / self.std  # as the reference ToTensor + Normalize
+        return self.model(x).float()  # (N, classes)
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What the artifact says about itself, beyond the graph."""
+
+    name: str
+    arch: str
+    config: DeepViTConfig
+    labels: list[str]
+    weights: WeightsSource
+    checkpoint_sha256: str | None
+    precision: Precision
+
+    def metadata(self, parity: ParityReport) -> dict[str, str]:
+        pre = self.config.preprocessing.to_dict()
+        pre.update({"input_layout": "NHWC", "input_dtype": "uint8", "color": "RGB"})
+        return {
+            "deepvit.schema": SCHEMA_VERSION,
+            "deepvit.name": self.name,
+            "deepvit.arch": self.arch,
+            "deepvit.config": json.dumps(self.config.to_dict()),
+            "deepvit.num_classes": str(self.config.num_classes),
+            "deepvit.labels": json.dumps(self.labels),
+            "deepvit.preprocessing": json.dumps(pre),
+            "deepvit.weights": self.weights,
+            "deepvit.checkpoint_sha256": self.checkpoint_sha256 or "",
+            "deepvit.precision": self.precision,
+            "deepvit.parity": json.dumps(parity.to_dict()),
+            "deepvit.versions": json.dumps(tool_versions()),
+            "deepvit.exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def tool_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("deepvit-serve", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def to_onnx(wrapper: ImageClassifier, image_size: int) -> Any:
+    """The torch.export-based exporter; returns an ``onnx.ModelProto`` with a dynamic batch axis."""
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+    program = torch.onnx.export(
+        wrapper.eval(),
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+        optimize=True,
+    )
+    if program is None:  # pragma: no cover - only when f= is given
+        raise RuntimeError("the ONNX exporter returned no program")
+    return program.model_proto
+
+
+def export_artifact(
+    model: DeepViT,
+    info: ArtifactInfo,
+    output: str | Path,
+    *,
+    parity_batch_sizes: tuple[int, ...] = (1, 8),
+    log: Callable[[str], None] = print,
+) -> ParityReport:
+    """Export, gate on parity, then write ``output`` atomically. Raises ParityError and writes nothing."""
+    import onnx
+
+    output = Path(output)
+    size = info.config.img_size
+    model = model.eval()
+    reference = ImageClassifier(model, torch.float32).eval()
+    if info.precision == "fp16":
+        half = DeepViT(info.config).eval()
+        half.load_state_dict(model.state_dict())
+        wrapper = ImageClassifier(half.half(), torch.float16).eval()
+    else:
+        wrapper = reference
+    log(f"exporting {info.name} ({info.precision}) to ONNX opset {OPSET}…")
+    proto = to_onnx(wrapper, size)
+    log(f"checking parity with PyTorch at batch sizes {list(parity_batch_sizes)}…")
+    report = check_parity(reference, proto.SerializeToString(), info.precision, size, parity_batch_sizes)
+    log(f"parity {report.summary()}")
+    if not report.passed:
+        raise ParityError(f"parity gate failed, nothing written: {report.summary()}; gate {report.to_dict()['gate']}")
+    proto.producer_name = "deepvit-serve"
+    proto.doc_string = f"DeepViT {info.arch} ImageNet-style classifier exported by deepvit-serve"
+    del proto.metadata_props[:]
+    for key, value in info.metadata(report).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+    return report

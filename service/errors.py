@@ -1,0 +1,66 @@
+"""The service's error tree. Third-party exceptions are translated into these once, at the boundary
+where they arise (Pillow in preprocess, ONNX Runtime in runtime, the queue in batcher); only the app's
+exception handlers turn them into HTTP statuses, each with a JSON ``{"error": ...}`` a caller can act on.
+
+    ServiceError
+    ├── ArtifactError            a model file that cannot be served (start-up / repository; not HTTP)
+    ├── RequestError             the caller's fault                                      4xx
+    │   ├── BadRequestError      undecodable image, bad parameter                         400
+    │   ├── NotFoundError        unknown model or version                                 404
+    │   ├── PayloadTooLargeError body or pixel count over the limit                       413
+    │   └── UnsupportedMediaTypeError                                                     415
+    ├── UnavailableError         not ready, queue full, draining (with Retry-After)       503
+    ├── DeadlineExceededError    the request's deadline passed while it was queued        504
+    └── InferenceError           a batch failed in ONNX Runtime                           500
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ArtifactError(ServiceError):
+    pass
+
+
+class RequestError(ServiceError):
+    status = 400
+
+
+class BadRequestError(RequestError):
+    status = 400
+
+
+class NotFoundError(RequestError):
+    status = 404
+
+
+class PayloadTooLargeError(RequestError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(RequestError):
+    status = 415
+
+
+class UnavailableError(ServiceError):
+    status = 503
+
+    def __init__(self, message: str, reason: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.reason = reason  # the label of deepvit_rejected_requests_total
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(ServiceError):
+    status = 504
+
+
+class InferenceError(ServiceError):
+    status = 500
