@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,12 @@ from .config import VARIANTS, DeepViTConfig
 WeightsKind = Literal["state_dict", "ema"]
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 _ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's pre-1.6 (non-zip) format starts with this pickled magic number (torch/serialization.py).
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+# The weights-only unpickler's refusal of a named global: the one sign that the pickle wants to run code.
+# Other weights-only failures ("Unsupported operand ...") are bytes that are not a torch pickle at all,
+# e.g. a JSON or text file.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*) was not an allowed global")
 
 
 class CheckpointError(Exception):
@@ -69,7 +76,7 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(len(_LEGACY_MAGIC))
     if not head:
         raise NotACheckpointError(f"{path} is empty, not a checkpoint")
     try:
@@ -77,22 +84,37 @@ def read_checkpoint(path: str | Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types here; each is sorted below
         text = str(exc)
-        if "Weights only load failed" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = found.group(1) if found else "an object that is not plain data"
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
             raise UnsafeCheckpointError(
-                f"refused {path}: the pickle asks to load {what}, which could run code. Checkpoints are "
-                "loaded as data only; re-save it as a plain state dict (torch.save(model.state_dict(), ...)) "
-                "from a trusted environment"
+                f"refused {path}: the pickle asks to load {refused.group(1)}, which could run code. "
+                "Checkpoints are loaded as data only; re-save it as a plain state dict "
+                "(torch.save(model.state_dict(), ...)) from a trusted environment"
             ) from None
-        if head == _ZIP_MAGIC:
+        if head.startswith(_ZIP_MAGIC) and not _could_be_torch_zip(path):
+            raise NotACheckpointError(
+                f"{path} is a zip archive but not a PyTorch checkpoint "
+                "(it has no data.pkl written by torch.save)"
+            ) from None
+        if head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC:
+            reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
             raise CorruptCheckpointError(
-                f"{path} looks like a PyTorch checkpoint but cannot be read ({text.splitlines()[0][:160]}): "
+                f"{path} looks like a PyTorch checkpoint but cannot be read ({reason}): "
                 "it is truncated or corrupt; copy it again and compare its sha256"
             ) from None
         raise NotACheckpointError(
             f"{path} is not a PyTorch checkpoint (expected a file written by torch.save)"
         ) from None
+
+
+def _could_be_torch_zip(path: Path) -> bool:
+    """False only for a readable zip without torch.save's ``<name>/data.pkl``; a broken zip may be
+    a truncated checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True
 
 
 def is_state_dict(obj: object) -> bool:
@@ -110,7 +132,9 @@ def select_state_dict(obj: Any, weights: WeightsKind = "state_dict") -> dict[str
             raise CheckpointError("--ema was given, but the file is a bare state dict with no EMA weights")
         return dict(obj)
     if not isinstance(obj, Mapping):
-        raise NotACheckpointError(f"the file holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+        raise NotACheckpointError(
+            f"the file holds a {type(obj).__name__}, not a state dict or checkpoint dict"
+        )
     candidates = ("state_dict_ema", "model_ema") if weights == "ema" else ("state_dict", "model")
     for key in candidates:
         if key in obj and is_state_dict(obj[key]):
@@ -163,8 +187,10 @@ def suggest_architecture(sd: Mapping[str, Tensor]) -> str | None:
     """The official variant whose keys and shapes the weights match, ignoring the classifier width."""
     for name, cfg in VARIANTS.items():
         report = compare_keys(_meta_state_dict(cfg), sd)
-        if not report.missing and not report.unexpected and all(
-            k.startswith("head.") for k, _, _ in report.mismatched
+        if (
+            not report.missing
+            and not report.unexpected
+            and all(k.startswith("head.") for k, _, _ in report.mismatched)
         ):
             return name
     return None
@@ -180,8 +206,10 @@ def load_weights(model: nn.Module, sd: Mapping[str, Tensor], arch_label: str) ->
     if report.ok:
         model.load_state_dict(sd, strict=True)
         return
-    head_only = not report.missing and not report.unexpected and all(
-        k.startswith("head.") for k, _, _ in report.mismatched
+    head_only = (
+        not report.missing
+        and not report.unexpected
+        and all(k.startswith("head.") for k, _, _ in report.mismatched)
     )
     if head_only:
         ckpt_classes = report.mismatched[0][1][0]
@@ -203,7 +231,9 @@ def load_weights(model: nn.Module, sd: Mapping[str, Tensor], arch_label: str) ->
     if suggestion:
         lines.append(f"  its keys and shapes match --arch {suggestion}")
     else:
-        lines.append("  no official architecture matches; pass the config it was trained with (--model-config)")
+        lines.append(
+            "  no official architecture matches; pass the config it was trained with (--model-config)"
+        )
     raise ArchitectureMismatchError("\n".join(lines))
 
 

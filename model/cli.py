@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .checkpoint import WeightsKind
+    from .export import WeightsSource
 
 TRAIN_EXTRA_HINT = (
     "this command needs PyTorch, which the serving install leaves out: "
@@ -97,7 +101,7 @@ def _export(args: argparse.Namespace) -> int:
     sd = None
     if args.checkpoint is not None:
         _log(f"reading checkpoint {args.checkpoint}…")
-        weights = "ema" if args.ema else "state_dict"
+        weights: WeightsKind = "ema" if args.ema else "state_dict"
         sd = filter_state_dict(select_state_dict(read_checkpoint(args.checkpoint), weights))
         head = sd.get("head.weight")
         ckpt_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
@@ -121,6 +125,7 @@ def _export(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = DeepViT(cfg).eval()
     sha = None
+    source: WeightsSource
     if sd is not None:
         load_weights(model, sd, arch)
         sha = sha256_of(args.checkpoint)
@@ -153,7 +158,10 @@ def _verify(args: argparse.Namespace) -> int:
         arch, cfg = _config(args)
         cfg = cfg.replace(num_classes=int(meta["deepvit.num_classes"]))
     else:
-        arch, cfg = meta.get("deepvit.arch", "custom"), DeepViTConfig.from_dict(json.loads(meta["deepvit.config"]))
+        arch, cfg = (
+            meta.get("deepvit.arch", "custom"),
+            DeepViTConfig.from_dict(json.loads(meta["deepvit.config"])),
+        )
     model = DeepViT(cfg).eval()
     sha = load_checkpoint(model, args.checkpoint, "ema" if args.ema else "state_dict", arch)
     recorded = meta.get("deepvit.checkpoint_sha256", "")

@@ -165,7 +165,11 @@ VARIANTS: dict[str, DeepViTConfig] = {
         scale_adjustment=0.5,
     ),
     "deepvit_L": _official(
-        embed_dim=420, depth=32, reattention_blocks=tuple(range(20, 32)), patch_embed="cnn", scale_adjustment=0.5
+        embed_dim=420,
+        depth=32,
+        reattention_blocks=tuple(range(20, 32)),
+        patch_embed="cnn",
+        scale_adjustment=0.5,
     ),
     "deepvit_L_384": _official(
         img_size=384,

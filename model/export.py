@@ -34,6 +34,9 @@ OPSET = 18
 class ImageClassifier(nn.Module):
     """uint8 NHWC RGB in, float32 logits out: preprocessing after the crop lives inside the graph."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model = model
@@ -45,7 +48,8 @@ class ImageClassifier(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         x = image.permute(0, 3, 1, 2).to(self.dtype)  # (N, 3, H, W)
         x = (x / 255.0 - self.mean) / self.std  # as the reference ToTensor + Normalize
-        return self.model(x).float()  # (N, classes)
+        logits: Tensor = self.model(x)
+        return logits.float()  # (N, classes)
 
 
 @dataclass(frozen=True)

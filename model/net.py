@@ -40,7 +40,8 @@ class DeepViT(nn.Module):
         return self.norm(x)[:, 0], maps  # (B, D)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x)[0])  # (B, classes)
+        logits: Tensor = self.head(self.forward_features(x)[0])  # (B, classes)
+        return logits
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Logits and every block's attention map (B, H, 1+N, 1+N), after Re-attention where it applies."""

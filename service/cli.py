@@ -10,10 +10,41 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over HTTP (settings also from DEEPVIT_* env)")
+    p.add_argument("--model-repository", type=Path, help="<repository>/<name>/<version>/model.onnx")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--default-model", help="model that /classify uses when none is named")
+    p.set_defaults(handler=_serve)
+
     p = sub.add_parser("inspect", help="print an artifact's metadata for a person (or --json)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_inspect)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .config import Settings
+    from .logs import configure_logging
+
+    overrides = {
+        "model_repository": args.model_repository,
+        "host": args.host,
+        "port": args.port,
+        "default_model": args.default_model,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"deepvit serve: invalid settings (DEEPVIT_* environment or flags): {problems}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    from .server import run
+
+    return run(settings)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -1,0 +1,119 @@
+"""``create_app``: the one place where settings, metrics, models, routes and error handling are wired."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import Settings
+from .context import AppContext
+from .errors import ArtifactError, ServiceError, UnavailableError
+from .metrics import Metrics
+from .middleware import RequestMiddleware
+from .repository import ModelManager
+from .routes import classify, health
+from .runtime import GpuRequiredError
+
+log = logging.getLogger("deepvit.app")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI, ctx: AppContext) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, UnavailableError):
+            ctx.metrics.rejected.labels(exc.reason).inc()
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        if exc.status >= 500 and not isinstance(exc, UnavailableError):
+            log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ or None)
+        return _error(exc.status, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors]
+        # A bad query or path parameter is a bad request (400); a body that breaks the schema is 422.
+        in_params = all(e["loc"] and e["loc"][0] in ("query", "path", "header") for e in errors)
+        return _error(400 if in_params else 422, "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return _error(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", "-")
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(500, f"internal error (request id {rid}); the operators have it in the logs")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    manager: ModelManager | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. Models load in the background after start-up, so /livez answers at once and
+    /readyz says 503 until every model is loaded and warmed. A start-up failure calls ``on_fatal``."""
+    metrics = metrics or Metrics()
+    manager = manager or ModelManager(settings, metrics)
+    pool = ThreadPoolExecutor(max_workers=settings.decode_threads or (os.cpu_count() or 2), thread_name_prefix="decode")
+    ctx = AppContext(settings=settings, metrics=metrics, models=manager, decode_pool=pool)
+
+    async def load() -> None:
+        try:
+            await manager.load_repository()
+        except (ArtifactError, GpuRequiredError) as exc:
+            ctx.startup_error = str(exc)
+            log.critical("start-up failed: %s", exc, extra={"event": "startup_failed"})
+            if on_fatal is not None:
+                on_fatal(str(exc))
+        except Exception as exc:
+            ctx.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+            if on_fatal is not None:
+                on_fatal(ctx.startup_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(load(), name="load-models")
+        try:
+            yield
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            await manager.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="deepvit-serve",
+        summary="DeepViT image classification over ONNX Runtime, with dynamic batching",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    _install_error_handlers(app, ctx)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.add_middleware(RequestMiddleware, ctx=ctx)
+    return app

@@ -1,0 +1,274 @@
+"""Dynamic batching, pure asyncio. It imports neither FastAPI nor ONNX Runtime: tests drive it with a fake
+``predict``.
+
+Requests arriving together are merged into one ``predict`` call of at most ``max_batch_size`` items,
+waiting at most ``max_delay_s`` after the first item. While a batch computes (off the event loop, in the
+injected executor), the next one keeps collecting; it is dispatched as soon as the compute slot frees.
+The queue is bounded (``QueueFullError`` at once when full). Every item carries a deadline on the
+monotonic clock: one that expires while queued fails with ``DeadlineExceededError`` and is never
+computed. A failing batch fails its own items only, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+log = logging.getLogger("deepvit.batcher")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    pass
+
+
+class DeadlineExceededError(Exception):
+    pass
+
+
+class BatchFailedError(Exception):
+    """The batch this item was in failed; ``__cause__`` holds why."""
+
+
+class BatcherClosedError(Exception):
+    pass
+
+
+class BatchObserver(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Entry(Generic[T, R]):
+    item: T
+    deadline: float
+    enqueued: float
+    future: asyncio.Future[R]
+    dispatched: bool = False
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        predict: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
+        self._observer = observer or _NullObserver()
+        self._clock = clock
+        self.name = name
+        self._queue: deque[_Entry[T, R]] = deque()
+        self._wakeup = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
+        self._computing: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.stats = BatchStats()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop taking items; with ``drain`` finish every queued and computing batch first."""
+        self._closed = True
+        if drain:
+            while self._queue or self._computing:
+                self._wakeup.set()
+                await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for entry in self._queue:
+            if not entry.future.done():
+                entry.future.set_exception(BatcherClosedError("the model was unloaded before this request ran"))
+        self._queue.clear()
+        if self._computing:
+            await asyncio.gather(*self._computing, return_exceptions=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._computing
+
+    # -- submitting -----------------------------------------------------------------------------
+    async def submit(self, item: T, deadline: float) -> R:
+        return (await self.submit_many([item], deadline))[0]
+
+    async def submit_many(self, items: Sequence[T], deadline: float) -> list[R]:
+        """Queue all items or none; wait for their results (in order) until ``deadline``."""
+        if self._closed:
+            raise BatcherClosedError("not accepting requests: shutting down")
+        if len(self._queue) + len(items) > self.max_queue_size:
+            raise QueueFullError(
+                f"the queue of {self.name} is full ({len(self._queue)} of {self.max_queue_size} images waiting)"
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        entries = [_Entry[T, R](item, deadline, now, loop.create_future()) for item in items]
+        self._queue.extend(entries)
+        self._observer.queue_depth(len(self._queue))
+        self._wakeup.set()
+        try:
+            return [await self._wait(e) for e in entries]
+        finally:
+            for e in entries:  # the caller gave up (deadline, error, disconnect): don't compute the rest
+                if not e.future.done():
+                    e.future.cancel()
+
+    async def _wait(self, entry: _Entry[T, R]) -> R:
+        timeout = entry.deadline - self._clock()
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.future), timeout=max(timeout, 0))
+        except TimeoutError:
+            if entry.dispatched:  # already computing: its answer is moments away, so take it
+                return await entry.future
+            entry.future.cancel()
+            raise DeadlineExceededError(
+                f"the request's deadline passed after {self._clock() - entry.enqueued:.3f}s in the queue"
+            ) from None
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            while not self._live_head():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            window_end = self._queue[0].enqueued + self.max_delay_s
+            while True:
+                live = self._count_live(self.max_batch_size)
+                full = live >= self.max_batch_size
+                now = self._clock()
+                if self._slot_free.is_set() and (full or now >= window_end or self._closed):
+                    break
+                # Wait for more items, the end of the window, or (window over / full) a free slot.
+                self._wakeup.clear()
+                waits = [asyncio.ensure_future(self._slot_free.wait())]
+                if not full:
+                    waits.append(asyncio.ensure_future(self._wakeup.wait()))
+                timeout = window_end - now if now < window_end and not full else None
+                _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
+            batch = self._take_batch()
+            if batch:
+                self._slot_free.clear()
+                task = asyncio.create_task(self._compute(batch))
+                self._computing.add(task)
+                task.add_done_callback(self._computing.discard)
+
+    def _drop_dead_head(self) -> None:
+        now = self._clock()
+        while self._queue:
+            e = self._queue[0]
+            if e.future.done():
+                self._queue.popleft()
+            elif e.deadline <= now:
+                self._queue.popleft()
+                e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
+            else:
+                break
+
+    def _live_head(self) -> bool:
+        self._drop_dead_head()
+        self._observer.queue_depth(len(self._queue))
+        return bool(self._queue)
+
+    def _count_live(self, limit: int) -> int:
+        n = 0
+        for e in self._queue:
+            if not e.future.done():
+                n += 1
+                if n >= limit:
+                    break
+        return n
+
+    def _take_batch(self) -> list[_Entry[T, R]]:
+        batch: list[_Entry[T, R]] = []
+        now = self._clock()
+        while self._queue and len(batch) < self.max_batch_size:
+            e = self._queue.popleft()
+            if e.future.done():
+                continue
+            if e.deadline <= now:  # expired while queued: never computed
+                e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
+                continue
+            e.dispatched = True
+            batch.append(e)
+        self._observer.queue_depth(len(self._queue))
+        return batch
+
+    async def _compute(self, batch: list[_Entry[T, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = self._clock()
+        waits = [started - e.enqueued for e in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._predict, [e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"predict returned {len(results)} results for {len(batch)} inputs")
+        except Exception as exc:
+            log.exception("batch of %d failed on %s", len(batch), self.name)
+            for e in batch:
+                if not e.future.done():
+                    err = BatchFailedError(f"inference failed: {type(exc).__name__}: {exc}")
+                    err.__cause__ = exc
+                    e.future.set_exception(err)
+        else:
+            for e, r in zip(batch, results, strict=True):
+                if not e.future.done():
+                    e.future.set_result(r)
+        finally:
+            compute_s = self._clock() - started
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            self._observer.batch_done(len(batch), waits, compute_s)
+            self._slot_free.set()
+            self._wakeup.set()

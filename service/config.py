@@ -1,0 +1,126 @@
+"""Settings: one pydantic-settings object, environment prefix ``DEEPVIT_``, built once at start-up and
+passed down. Nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["cuda", "cpu"]
+
+PROVIDER_NAMES: dict[str, str] = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPVIT_", extra="ignore", frozen=True)
+
+    # Model repository: <repository>/<name>/<version>/model.onnx
+    model_repository: Path = Field(Path("models"), description="root of the model repository")
+    default_model: str | None = Field(None, description="model that /classify uses when none is named")
+    version_policy: str = Field("latest:1", description="which versions to serve: latest:N, all, or specific:1,3")
+    repository_poll_s: float = Field(0.0, ge=0, description="poll the repository every N s for changes (0: off)")
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+
+    # ONNX Runtime
+    providers: list[Provider] = Field(["cuda", "cpu"], description="execution providers, in order of preference")
+    require_gpu: bool = Field(False, description="exit at start-up if CUDA is asked for but not used")
+    gpu_device_id: int = Field(0, ge=0, description="CUDA device for the sessions")
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE stalls the first batches)"
+    )
+    gpu_mem_limit_bytes: int = Field(0, ge=0, description="CUDA memory arena cap (0: no cap)")
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested", description="how the CUDA arena grows"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    warmup: bool = Field(True, description="run every batch size once before reporting ready")
+
+    # Dynamic batching
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most images in one ONNX Runtime call")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill after its first image")
+    max_queue_size: int = Field(256, ge=1, description="queued images per model before 503")
+    request_timeout_s: float = Field(10.0, gt=0, description="deadline of a request; queued past it: 504")
+
+    # Input limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one multipart request")
+    decode_threads: int = Field(0, ge=0, description="threads for image decoding (0: CPU count)")
+
+    # Operations
+    log_format: Literal["json", "text"] = Field("json", description="access and event log format")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    grace_period_s: float = Field(30.0, ge=0, description="longest drain on SIGTERM before exiting")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip().lower() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_not_empty(cls, v: list[Provider]) -> list[Provider]:
+        if not v:
+            raise ValueError("at least one provider is needed (cuda, cpu)")
+        if len(set(v)) != len(v):
+            raise ValueError("a provider is listed twice")
+        return v
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        parse_version_policy(v)
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> Settings:
+        if self.require_gpu and "cuda" not in self.providers:
+            raise ValueError("require_gpu is set but cuda is not among the providers")
+        return self
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+    def ort_providers(self) -> list[str | tuple[str, dict[str, str]]]:
+        out: list[str | tuple[str, dict[str, str]]] = []
+        for p in self.providers:
+            if p == "cuda":
+                opts = {
+                    "device_id": str(self.gpu_device_id),
+                    "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+                    "arena_extend_strategy": self.arena_extend_strategy,
+                }
+                if self.gpu_mem_limit_bytes:
+                    opts["gpu_mem_limit"] = str(self.gpu_mem_limit_bytes)
+                out.append((PROVIDER_NAMES[p], opts))
+            else:
+                out.append(PROVIDER_NAMES[p])
+        return out
+
+
+def parse_version_policy(policy: str) -> tuple[str, int | tuple[int, ...] | None]:
+    """``latest:N`` | ``all`` | ``specific:1,3`` -> (kind, argument)."""
+    kind, _, arg = policy.strip().partition(":")
+    try:
+        if kind == "all" and not arg:
+            return "all", None
+        if kind == "latest":
+            n = int(arg or "1")
+            if n >= 1:
+                return "latest", n
+        if kind == "specific":
+            versions = tuple(int(v) for v in arg.split(",") if v.strip())
+            if versions and all(v >= 1 for v in versions):
+                return "specific", versions
+    except ValueError:
+        pass
+    raise ValueError(f"version policy {policy!r}: use latest:N, all, or specific:1,3")

@@ -1,0 +1,85 @@
+"""Prometheus metrics in an explicit registry (no global state, so tests and several apps don't collide).
+
+Names and labels are a contract (DESIGN.md, section 4): dashboards and alerts use them. Buckets are
+chosen for this workload: preprocessing and CPU/GPU batches run from sub-millisecond to seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Sub-millisecond to 10 s: a tiny model's batch on a GPU to a large batch of deepvit_L on a CPU.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "deepvit_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "deepvit_request_duration_seconds",
+            "Time from request start to response, per route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess = Histogram(
+            "deepvit_preprocess_seconds",
+            "Decode, resize and crop of one image",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "deepvit_queue_wait_seconds",
+            "Time an image waited in the batching queue before its batch started",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "deepvit_inference_seconds",
+            "ONNX Runtime time of one batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "deepvit_batch_size", "Images per ONNX Runtime call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("deepvit_queue_depth", "Images waiting to be batched", ["model"], registry=r)
+        self.inflight = Gauge("deepvit_inflight_requests", "HTTP requests being handled", registry=r)
+        self.images = Counter("deepvit_images", "Images classified", ["model"], registry=r)
+        self.rejected = Counter(
+            "deepvit_rejected_requests",
+            "Requests refused before inference, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "deepvit_model_ready", "1 when the model version serves traffic", ["model", "version"], registry=r
+        )
+        self.model_info = Gauge(
+            "deepvit_model_info",
+            "Loaded model versions: provider actually used, precision, weights (random_init = untrained)",
+            ["model", "version", "provider", "precision", "weights"],
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "deepvit_model_load_failures",
+            "Model versions that failed to load",
+            ["model", "version"],
+            registry=r,
+        )
+        self.draining = Gauge("deepvit_draining", "1 while the server drains before exiting", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

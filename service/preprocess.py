@@ -1,0 +1,117 @@
+"""Image bytes → the artifact's input: a ``uint8 [crop, crop, 3]`` RGB array.
+
+Reproduces the reference evaluation transform (timm/torchvision, as the official code evaluates):
+resize the shorter side to ``resize_shorter`` (the long side to ``int(resize_shorter * long / short)``)
+with Pillow's bicubic, then centre-crop with ``round((size - crop) / 2)`` offsets. Cast, mean/std and layout
+happen inside the ONNX graph. Before that, what a user sends is made into the RGB picture they see:
+EXIF orientation applied, the first frame of an animation, any mode converted to RGB (16-bit scaled to 8).
+
+Untrusted input: only common raster formats are opened, the pixel count is checked from the header
+before any pixel is decoded, and truncated or malformed files are refused rather than patched up.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .artifact import PreprocessSpec
+from .errors import BadRequestError, PayloadTooLargeError
+
+# Formats a camera, phone or browser produces. Others Pillow knows (EPS, PSD, ...) widen the attack
+# surface for no user benefit (EPS would even call Ghostscript).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    if not data:
+        raise BadRequestError("the image is empty (0 bytes); send the file's bytes as the body or a 'file' part")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit is checked below; Pillow's global bomb warning would only duplicate it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError:
+        raise PayloadTooLargeError(_too_many_pixels_msg(None, limits)) from None
+    except UnidentifiedImageError:
+        raise BadRequestError(
+            "the body is not an image this service decodes; send JPEG, PNG, WebP, GIF, BMP or TIFF bytes"
+        ) from None
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise PayloadTooLargeError(_too_many_pixels_msg((w, h), limits))
+    if w < 1 or h < 1:
+        raise BadRequestError(f"the image has no pixels ({w}x{h})")
+    return img
+
+
+def _too_many_pixels_msg(size: tuple[int, int] | None, limits: ImageLimits) -> str:
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
+    return f"the image is {what}; the limit is {limits.max_pixels:,} pixels, so downscale it before sending"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode to 8-bit RGB, as the user sees it."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey: scale to 8 bits (Pillow's own conversion would clip everything above 255 to white).
+        arr = np.asarray(img, dtype=np.uint32)
+        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 8
+        img = Image.fromarray((arr >> (bits - 8)).clip(0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow asks for this route for palette transparency
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Bytes → RGB picture, EXIF-oriented, first frame. Raises BadRequestError / PayloadTooLargeError."""
+    img = _open(data, limits)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        # Pillow reports truncation as OSError, bad chunks as ValueError/SyntaxError.
+        raise BadRequestError(f"the image could not be decoded ({exc}); the file is truncated or corrupt") from None
+
+
+def resize_shorter_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    # torchvision's _compute_resized_output_size: the long side is truncated, not rounded.
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    # torchvision's center_crop: offsets int(round((size - crop) / 2)).
+    left = round((width - crop) / 2.0)
+    top = round((height - crop) / 2.0)
+    return left, top, left + crop, top + crop
+
+
+def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB picture → uint8 (crop, crop, 3), the artifact's input for one image."""
+    size = resize_shorter_size(img.width, img.height, spec.resize_shorter)
+    if size != img.size:
+        img = img.resize(size, _RESAMPLE[spec.interpolation])
+    img = img.crop(center_crop_box(img.width, img.height, spec.crop_size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def preprocess(data: bytes, spec: PreprocessSpec, limits: ImageLimits) -> np.ndarray:
+    return transform(decode(data, limits), spec)

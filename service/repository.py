@@ -1,0 +1,236 @@
+"""The model repository: ``<repository>/<name>/<version>/model.onnx``, versions being positive integers.
+
+``ModelManager`` owns the served model versions: each has an ONNX Runtime session and its own batcher.
+Loading and warm-up run off the event loop; a version takes traffic only once warmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .batcher import Batcher
+from .config import Settings, parse_version_policy
+from .errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
+from .metrics import Metrics
+from .runtime import ModelRuntime, Prediction
+
+log = logging.getLogger("deepvit.repository")
+
+ARTIFACT_NAME = "model.onnx"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+State = Literal["loading", "ready", "unloading", "failed"]
+
+
+def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
+    """Every ``<name>/<version>/model.onnx`` under ``root``; other entries are ignored."""
+    found: dict[str, dict[int, Path]] = {}
+    if not root.is_dir():
+        return found
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or not _NAME_RE.match(model_dir.name):
+            continue
+        for version_dir in model_dir.iterdir():
+            if version_dir.name.isdigit() and int(version_dir.name) > 0:
+                artifact = version_dir / ARTIFACT_NAME
+                if artifact.is_file():
+                    found.setdefault(model_dir.name, {})[int(version_dir.name)] = artifact
+    return found
+
+
+def select_versions(versions: Sequence[int], policy: str) -> list[int]:
+    kind, arg = parse_version_policy(policy)
+    ordered = sorted(versions)
+    if kind == "all":
+        return ordered
+    if kind == "latest":
+        assert isinstance(arg, int)
+        return ordered[-arg:]
+    assert isinstance(arg, tuple)
+    return [v for v in ordered if v in arg]
+
+
+class _BatchMetrics:
+    """Adapts the batcher's observer hooks to Prometheus."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._depth = metrics.queue_depth.labels(model)
+        self._wait = metrics.queue_wait.labels(model)
+        self._inference = metrics.inference.labels(model)
+        self._batch = metrics.batch_size.labels(model)
+        self._images = metrics.images.labels(model)
+
+    def queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+        for w in queue_waits:
+            self._wait.observe(w)
+        self._inference.observe(compute_s)
+        self._batch.observe(size)
+        self._images.inc(size)
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    runtime: ModelRuntime
+    batcher: Batcher[np.ndarray, Prediction]
+    state: State = "loading"
+    warmup_s: float = 0.0
+    inflight: int = field(default=0)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.runtime.meta.labels
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.failures: dict[tuple[str, int], str] = {}
+        self.loaded = False  # the start-up load has finished
+
+    # -- loading --------------------------------------------------------------------------------
+    def _build(self, name: str, version: int, path: Path) -> ModelVersion:
+        """Blocking: session, warm-up. Runs in a worker thread."""
+        s = self.settings
+        runtime = ModelRuntime(path, s)
+        batcher: Batcher[np.ndarray, Prediction] = Batcher(
+            runtime.predict,
+            max_batch_size=s.max_batch_size,
+            max_delay_s=s.max_queue_delay_s,
+            max_queue_size=s.max_queue_size,
+            observer=_BatchMetrics(self.metrics, name),
+            name=f"{name}-{version}",
+        )
+        mv = ModelVersion(name, version, path, runtime, batcher)
+        if s.warmup:
+            mv.warmup_s = runtime.warmup(s.max_batch_size)
+        return mv
+
+    async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:
+        log.info("loading %s version %d from %s", name, version, path, extra={"model": name, "version": version})
+        try:
+            mv = await asyncio.to_thread(self._build, name, version, path)
+        except ArtifactError as exc:
+            self.failures[(name, version)] = str(exc)
+            self.metrics.model_load_failures.labels(name, str(version)).inc()
+            raise
+        mv.batcher.start()
+        mv.state = "ready"
+        self.failures.pop((name, version), None)
+        self.models.setdefault(name, {})[version] = mv
+        meta = mv.runtime.meta
+        self.metrics.model_ready.labels(name, str(version)).set(1)
+        self.metrics.model_info.labels(name, str(version), mv.runtime.provider_label, meta.precision, meta.weights).set(
+            1
+        )
+        log.info(
+            "model %s version %d ready on %s (%s, %s weights%s), warm-up %.2fs",
+            name,
+            version,
+            mv.runtime.provider,
+            meta.precision,
+            meta.weights,
+            ": UNTRAINED, random initial weights, answers mean nothing" if meta.untrained else "",
+            mv.warmup_s,
+            extra={"model": name, "version": version, "event": "model_ready", "weights": meta.weights},
+        )
+        if meta.untrained:
+            log.warning(
+                "model %s version %d is UNTRAINED (exported with --random-init)",
+                name,
+                version,
+                extra={"model": name, "version": version, "event": "untrained_model"},
+            )
+        return mv
+
+    async def load_repository(self) -> None:
+        """Start-up: every selected version must load, or the start fails with the reason."""
+        found = scan_repository(self.settings.model_repository)
+        if not found:
+            raise ArtifactError(
+                f"model repository {self.settings.model_repository} holds no <name>/<version>/model.onnx; "
+                "export one with: deepvit export --arch deepvit_S --checkpoint CKPT "
+                f"--output {self.settings.model_repository}/deepvit_S/1/model.onnx"
+            )
+        d = self.settings.default_model
+        if d is not None and d not in found:
+            raise ArtifactError(f"DEEPVIT_DEFAULT_MODEL={d} is not in the repository (found: {', '.join(found)})")
+        for name, versions in found.items():
+            for v in select_versions(list(versions), self.settings.version_policy):
+                await self.load_version(name, v, versions[v])
+        self.loaded = True
+
+    async def unload_version(self, mv: ModelVersion) -> None:
+        """Stop new traffic at once, let queued requests finish, then release the session."""
+        mv.state = "unloading"
+        versions = self.models.get(mv.name, {})
+        if versions.get(mv.version) is mv:
+            del versions[mv.version]
+        if not versions:
+            self.models.pop(mv.name, None)
+        await mv.batcher.close(drain=True)
+        self.metrics.model_ready.remove(mv.name, str(mv.version))
+        info = mv.runtime.meta
+        self.metrics.model_info.remove(
+            mv.name, str(mv.version), mv.runtime.provider_label, info.precision, info.weights
+        )
+        log.info("unloaded %s version %d", mv.name, mv.version, extra={"model": mv.name, "version": mv.version})
+
+    async def close(self) -> None:
+        for versions in list(self.models.values()):
+            for mv in list(versions.values()):
+                await self.unload_version(mv)
+
+    # -- lookup ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return (
+            self.loaded
+            and bool(self.models)
+            and all(mv.state == "ready" for vs in self.models.values() for mv in vs.values())
+        )
+
+    def default_name(self) -> str:
+        if self.settings.default_model:
+            return self.settings.default_model
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        if not self.models:
+            raise UnavailableError("no model is loaded yet", reason="not_ready")
+        raise BadRequestError(
+            f"several models are served; name one with ?model= (one of {', '.join(sorted(self.models))})"
+        )
+
+    def resolve(self, name: str | None, version: int | None) -> ModelVersion:
+        if not self.loaded:
+            raise UnavailableError("models are still loading; retry shortly", reason="not_ready")
+        name = name or self.default_name()
+        versions = self.models.get(name)
+        if not versions:
+            raise NotFoundError(f"unknown model {name!r}; served models: {', '.join(sorted(self.models)) or 'none'}")
+        if version is None:
+            mv = versions[max(versions)]
+        elif version in versions:
+            mv = versions[version]
+        else:
+            raise NotFoundError(
+                f"model {name!r} has no version {version}; served versions: {', '.join(map(str, sorted(versions)))}"
+            )
+        if mv.state != "ready":
+            raise UnavailableError(f"model {name!r} version {mv.version} is {mv.state}", reason="not_ready")
+        return mv

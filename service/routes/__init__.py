@@ -1,0 +1,1 @@
+"""HTTP routes; each module holds one APIRouter. Wiring happens in ``service.app``."""

@@ -1,0 +1,64 @@
+"""Probes and metrics: ``/livez`` (alias ``/healthz``), ``/readyz``, ``/metrics``, ``/models``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from ..context import AppContext, get_context
+from ..metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/livez", summary="The process is up")
+@router.get("/healthz", summary="The process is up (alias of /livez)")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="200 only when every model is loaded and warmed and the server is not draining")
+async def readyz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
+    models = [
+        {"name": mv.name, "version": mv.version, "state": mv.state}
+        for versions in ctx.models.models.values()
+        for mv in versions.values()
+    ]
+    if ctx.draining:
+        reason = "draining: the server is shutting down"
+    elif ctx.startup_error:
+        reason = f"start-up failed: {ctx.startup_error}"
+    elif not ctx.models.ready:
+        reason = "models are loading and warming up"
+    else:
+        return JSONResponse({"status": "ready", "models": models})
+    return JSONResponse(
+        {"status": "not_ready", "error": reason, "models": models},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+@router.get("/metrics", summary="Prometheus text exposition")
+async def metrics(ctx: Annotated[AppContext, Depends(get_context)]) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/models", summary="Served models and what their artifacts say about themselves")
+async def models(ctx: Annotated[AppContext, Depends(get_context)]) -> dict[str, Any]:
+    out = []
+    for versions in ctx.models.models.values():
+        for mv in sorted(versions.values(), key=lambda m: m.version):
+            out.append(
+                {
+                    "name": mv.name,
+                    "version": mv.version,
+                    "state": mv.state,
+                    "provider": mv.runtime.provider,
+                    "metadata": mv.runtime.meta.to_public_dict(),
+                }
+            )
+    default = ctx.settings.default_model or (next(iter(ctx.models.models)) if len(ctx.models.models) == 1 else None)
+    return {"default_model": default, "models": out}

@@ -1,0 +1,118 @@
+"""One ONNX Runtime session per model version: providers, the CUDA→CPU fallback check, warm-up.
+
+ONNX Runtime falls back from CUDA to CPU silently when the CUDA libraries are missing; the only trustworthy
+answer is ``session.get_providers()`` after creation, which is what ``provider`` reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import ArtifactMetadata, parse_metadata
+from .config import Settings
+from .errors import ArtifactError, InferenceError
+
+log = logging.getLogger("deepvit.runtime")
+
+
+class GpuRequiredError(Exception):
+    """CUDA was required but the session runs on the CPU."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    logits: np.ndarray  # (classes,) float32
+    batch_size: int  # size of the ONNX Runtime call this image was part of
+
+
+def warmup_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two up to the largest batch, and the largest itself: the shapes CUDA meets first."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    if max_batch_size not in sizes:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+class ModelRuntime:
+    def __init__(self, path: str | Path, settings: Settings) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        requested = settings.ort_providers()
+        available = set(ort.get_available_providers())
+        usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
+        if not usable:
+            usable = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=usable)
+        except Exception as exc:  # onnxruntime's exception types are not part of its public API
+            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load it: {first}") from None
+        self.meta: ArtifactMetadata = parse_metadata(
+            dict(self.session.get_modelmeta().custom_metadata_map), str(self.path)
+        )
+        self.provider = str(self.session.get_providers()[0])
+        self.wanted_cuda = "cuda" in settings.providers
+        if self.wanted_cuda and self.provider != "CUDAExecutionProvider":
+            msg = (
+                f"{self.path}: CUDA was requested but ONNX Runtime runs this model on {self.provider} "
+                f"(available providers: {sorted(available)}); check the GPU, the driver and the CUDA/cuDNN "
+                "libraries onnxruntime-gpu needs"
+            )
+            if settings.require_gpu:
+                raise GpuRequiredError(msg + "; DEEPVIT_REQUIRE_GPU=true makes this fatal")
+            log.warning(msg + "; serving on the CPU", extra={"event": "provider_fallback"})
+        self._check_io()
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def provider_label(self) -> str:
+        return {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}.get(self.provider, self.provider)
+
+    def _check_io(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        crop = self.meta.preprocess.crop_size
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ArtifactError(f"{self.path}: expected one input and one output")
+        i, o = inputs[0], outputs[0]
+        if i.type != "tensor(uint8)" or len(i.shape) != 4 or list(i.shape[1:]) != [crop, crop, 3]:
+            raise ArtifactError(
+                f"{self.path}: input {i.name} is {i.type} {i.shape}, expected uint8 [N, {crop}, {crop}, 3]"
+            )
+        if o.type != "tensor(float)" or len(o.shape) != 2 or o.shape[1] != self.meta.num_classes:
+            raise ArtifactError(
+                f"{self.path}: output {o.name} is {o.type} {o.shape}, expected float [N, {self.meta.num_classes}]"
+            )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, crop, crop, 3) → float32 logits (N, classes)."""
+        try:
+            out = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:
+            raise InferenceError(f"ONNX Runtime failed on a batch of {len(batch)}: {exc}") from exc
+        return np.asarray(out, dtype=np.float32)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """The batcher's predict function: runs off the event loop."""
+        logits = self.run(np.stack(images))
+        return [Prediction(row, len(images)) for row in logits]
+
+    def warmup(self, max_batch_size: int) -> float:
+        crop = self.meta.preprocess.crop_size
+        started = time.perf_counter()
+        for n in warmup_batch_sizes(max_batch_size):
+            self.run(np.zeros((n, crop, crop, 3), dtype=np.uint8))
+        return time.perf_counter() - started
