@@ -25,6 +25,7 @@ def register(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from .config import Settings
     from .logs import configure_logging
@@ -40,6 +41,19 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         print(f"deepvit serve: invalid settings (DEEPVIT_* environment or flags): {problems}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"deepvit serve: invalid settings (DEEPVIT_* environment): {exc}", file=sys.stderr)
+        return 2
+    from .repository import scan_repository
+
+    if not scan_repository(settings.model_repository):
+        print(
+            f"deepvit serve: model repository {settings.model_repository} holds no <name>/<version>/model.onnx; "
+            "export one first, e.g. deepvit export --arch deepvit_S --checkpoint CKPT "
+            f"--output {settings.model_repository}/deepvit_S/1/model.onnx",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings.log_format, settings.log_level)
     from .server import run

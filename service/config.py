@@ -4,10 +4,10 @@ passed down. Nothing reads the environment at import time."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Provider = Literal["cuda", "cpu"]
 
@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
 
     # ONNX Runtime
-    providers: list[Provider] = Field(["cuda", "cpu"], description="execution providers, in order of preference")
+    # NoDecode: the environment gives "cuda,cpu", not JSON.
+    providers: Annotated[list[Provider], NoDecode] = Field(
+        ["cuda", "cpu"], description="execution providers, in order of preference"
+    )
     require_gpu: bool = Field(False, description="exit at start-up if CUDA is asked for but not used")
     gpu_device_id: int = Field(0, ge=0, description="CUDA device for the sessions")
     cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(

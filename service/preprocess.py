@@ -13,6 +13,7 @@ before any pixel is decoded, and truncated or malformed files are refused rather
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -42,22 +43,23 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             # Our own pixel limit is checked below; Pillow's global bomb warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError:
-        raise PayloadTooLargeError(_too_many_pixels_msg(None, limits)) from None
+    except Image.DecompressionBombError as exc:  # Pillow's own (higher) limit fired first
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise PayloadTooLargeError(_too_many_pixels_msg(int(found.group(1)) if found else None, limits)) from None
     except UnidentifiedImageError:
         raise BadRequestError(
             "the body is not an image this service decodes; send JPEG, PNG, WebP, GIF, BMP or TIFF bytes"
         ) from None
     w, h = img.size
     if w * h > limits.max_pixels:
-        raise PayloadTooLargeError(_too_many_pixels_msg((w, h), limits))
+        raise PayloadTooLargeError(_too_many_pixels_msg(w * h, limits, f"{w}x{h} = "))
     if w < 1 or h < 1:
         raise BadRequestError(f"the image has no pixels ({w}x{h})")
     return img
 
 
-def _too_many_pixels_msg(size: tuple[int, int] | None, limits: ImageLimits) -> str:
-    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
+def _too_many_pixels_msg(pixels: int | None, limits: ImageLimits, dims: str = "") -> str:
+    what = f"{dims}{pixels:,} pixels" if pixels else "too many pixels"
     return f"the image is {what}; the limit is {limits.max_pixels:,} pixels, so downscale it before sending"
 
 
@@ -67,10 +69,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit grey: scale to 8 bits (Pillow's own conversion would clip everything above 255 to white).
         arr = np.asarray(img, dtype=np.uint32)
         bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 8
-        img = Image.fromarray((arr >> (bits - 8)).clip(0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray((arr >> (bits - 8)).clip(0, 255).astype(np.uint8))
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # Pillow asks for this route for palette transparency
     return img if img.mode == "RGB" else img.convert("RGB")

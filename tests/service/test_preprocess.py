@@ -1,0 +1,181 @@
+"""Preprocessing against a plain reference implementation of the official evaluation transform
+(torchvision's Resize(shorter, bicubic) + CenterCrop on a Pillow image), on real and synthetic images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from service.artifact import PreprocessSpec
+from service.errors import BadRequestError, PayloadTooLargeError
+from service.preprocess import ImageLimits, decode, preprocess
+
+torchvision = pytest.importorskip("torchvision")
+T = torchvision.transforms
+
+PHOTOS = sorted((Path(__file__).parents[1] / "data" / "photos").glob("*.jpg"))
+SPEC = PreprocessSpec(resize_shorter=248, crop_size=224, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+LIMITS = ImageLimits(max_pixels=40_000_000)
+
+
+def reference(img: Image.Image, spec: PreprocessSpec = SPEC) -> np.ndarray:
+    """What the official evaluation does to a picture (after it is oriented and RGB)."""
+    t = T.Compose(
+        [T.Resize(spec.resize_shorter, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(spec.crop_size)]
+    )
+    return np.asarray(t(img.convert("RGB")))
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    rgb = np.concatenate(
+        [np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)), (x + y) / 2 * np.ones((h, w, 1))], 2
+    )
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.name)
+def test_real_photos_match_the_reference_transform_exactly(photo: Path) -> None:
+    data = photo.read_bytes()
+    got = preprocess(data, SPEC, LIMITS)
+    assert got.shape == (224, 224, 3)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, reference(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (248, 400), (100, 60), (224, 224), (1001, 333)])
+def test_any_aspect_and_size_matches_the_reference(size: tuple[int, int]) -> None:
+    img = gradient(*size)
+    np.testing.assert_array_equal(preprocess(encode(img, "PNG"), SPEC, LIMITS), reference(img))
+
+
+def test_384_crop_pct_1_resizes_straight_to_the_crop() -> None:
+    spec = PreprocessSpec(resize_shorter=384, crop_size=384, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    img = gradient(500, 700)
+    np.testing.assert_array_equal(preprocess(encode(img, "PNG"), spec, LIMITS), reference(img, spec))
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16"])
+def test_every_mode_becomes_the_rgb_picture(mode: str) -> None:
+    base = gradient(320, 240)
+    if mode == "I;16":
+        arr16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)  # full 16-bit range
+        img = Image.fromarray(arr16)
+        expected = reference(Image.fromarray((arr16 >> 8).astype(np.uint8)))
+    else:
+        img = base.convert(mode)
+        expected = reference(img)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    data = encode(img, fmt)
+    if fmt == "JPEG":
+        expected = reference(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(preprocess(data, SPEC, LIMITS), expected)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped_to_white() -> None:
+    arr16 = np.full((256, 256), 32768, dtype=np.uint16)  # mid grey in 16 bits
+    out = preprocess(encode(Image.fromarray(arr16), "PNG"), SPEC, LIMITS)
+    assert np.all(out == 128)
+
+
+def test_palette_with_transparency_and_webp_and_gif_and_bmp_and_tiff() -> None:
+    base = gradient(300, 200)
+    for fmt in ("WEBP", "GIF", "BMP", "TIFF"):
+        data = encode(base, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        np.testing.assert_array_equal(preprocess(data, SPEC, LIMITS), reference(Image.open(io.BytesIO(data))))
+    p = base.convert("P")
+    p.info["transparency"] = 0
+    data = encode(p, "PNG", transparency=0)
+    np.testing.assert_array_equal(
+        preprocess(data, SPEC, LIMITS), reference(Image.open(io.BytesIO(data)).convert("RGBA"))
+    )
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = gradient(300, 400)  # portrait as the user sees it
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # stored landscape, as a phone writes it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    data = encode(stored, "JPEG", exif=exif, quality=95)
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert shown.size == (300, 400)
+    np.testing.assert_array_equal(preprocess(data, SPEC, LIMITS), reference(shown))
+
+
+def test_first_frame_of_an_animation() -> None:
+    frames = [Image.new("RGB", (260, 260), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = preprocess(buf.getvalue(), SPEC, LIMITS)
+    assert tuple(out[112, 112]) == (255, 0, 0)
+
+
+# -- untrusted input -------------------------------------------------------------------------------
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny, well-formed PNG that claims a huge size: its IDAT holds one row of pixels."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" + b"\x00" * 3 * 16)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def test_a_small_file_claiming_30000_squared_pixels_is_413_before_decoding() -> None:
+    data = png_header_only(30000, 30000)
+    assert len(data) < 100
+    with pytest.raises(PayloadTooLargeError, match="900,000,000 pixels"):
+        decode(data, LIMITS)
+
+
+def test_a_png_bomb_is_refused_by_its_header() -> None:
+    # 10000 x 10000 zeros compress to about 100 kB but would take 300 MB decoded.
+    buf = io.BytesIO()
+    Image.new("RGB", (10000, 10000)).save(buf, format="PNG", optimize=False, compress_level=9)
+    assert buf.tell() < 1_000_000
+    with pytest.raises(PayloadTooLargeError, match="limit"):
+        decode(buf.getvalue(), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "empty"),
+        (b"hello, this is text and not a picture\n", "not an image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not an image"),  # EPS would run Ghostscript: never opened
+    ],
+)
+def test_non_images_are_bad_requests(data: bytes, match: str) -> None:
+    with pytest.raises(BadRequestError, match=match):
+        decode(data, LIMITS)
+
+
+def test_a_zip_file_is_a_bad_request() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("cat.jpg", PHOTOS[0].read_bytes())
+    with pytest.raises(BadRequestError, match="not an image"):
+        decode(buf.getvalue(), LIMITS)
+
+
+def test_a_truncated_jpeg_is_a_bad_request_not_a_half_grey_picture() -> None:
+    data = PHOTOS[0].read_bytes()
+    with pytest.raises(BadRequestError, match="truncated or corrupt"):
+        decode(data[: len(data) // 2], LIMITS)
