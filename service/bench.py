@@ -1,0 +1,231 @@
+"""``deepvit bench``: one run, one machine, one model, three layers side by side.
+
+1. raw ONNX Runtime: uint8 batches of 1..64, images/s;
+2. the in-process pipeline: decode + preprocess (thread pool, as the service) + batched inference;
+3. the service over HTTP: a real ``deepvit serve`` process driven by ``hey`` (an established load generator)
+   at several concurrencies with real JPEG photographs: images/s and p50/p95/p99 latency.
+
+Ratios between the layers are the figures to quote: the machine may be shared and noisy.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Settings
+from .preprocess import ImageLimits, preprocess
+from .repository import scan_repository
+from .runtime import ModelRuntime
+
+
+@dataclass
+class Row:
+    layer: str
+    setting: str
+    images_per_s: float
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+
+
+def _timed_loop(fn: object, min_time_s: float, min_iters: int = 3) -> tuple[int, float]:
+    assert callable(fn)
+    fn()  # not timed: first-call effects
+    n, started = 0, time.perf_counter()
+    while n < min_iters or time.perf_counter() - started < min_time_s:
+        fn()
+        n += 1
+    return n, time.perf_counter() - started
+
+
+def bench_runtime(rt: ModelRuntime, batch_sizes: Sequence[int], min_time_s: float) -> list[Row]:
+    crop = rt.meta.preprocess.crop_size
+    rows = []
+    rng = np.random.default_rng(0)
+    for b in batch_sizes:
+        x = rng.integers(0, 256, (b, crop, crop, 3), dtype=np.uint8)
+        n, elapsed = _timed_loop(lambda x=x: rt.run(x), min_time_s)
+        per_batch = elapsed / n
+        rows.append(Row("onnxruntime", f"batch {b}", b * n / elapsed, p50_ms=per_batch * 1000))
+    return rows
+
+
+def bench_pipeline(rt: ModelRuntime, photos: list[bytes], batch: int, threads: int, min_time_s: float) -> Row:
+    spec = rt.meta.preprocess
+    limits = ImageLimits(40_000_000)
+    pool = ThreadPoolExecutor(max_workers=threads)
+    blobs = [photos[i % len(photos)] for i in range(batch)]
+
+    def one_batch() -> None:
+        images = list(pool.map(lambda d: preprocess(d, spec, limits), blobs))
+        rt.run(np.stack(images))
+
+    n, elapsed = _timed_loop(one_batch, min_time_s)
+    pool.shutdown()
+    return Row("in-process pipeline", f"decode+preprocess+infer, batch {batch}", batch * n / elapsed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) * 1000 if values else float("nan")
+
+
+def run_hey(hey: str, url: str, photo: Path, concurrency: int, requests: int) -> Row:
+    cmd = [hey, "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-T", "image/jpeg"]
+    cmd += ["-D", str(photo), "-t", "60", "-o", "csv", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    times, ends, errors = [], [], 0
+    for rec in csv.DictReader(io.StringIO(out)):
+        if rec["status-code"] != "200":
+            errors += 1
+            continue
+        t = float(rec["response-time"])
+        times.append(t)
+        ends.append(float(rec["offset"]) + t)
+    wall = max(ends) if ends else float("nan")
+    return Row(
+        "HTTP service",
+        f"hey, concurrency {concurrency}",
+        len(times) / wall,
+        _percentile(times, 50),
+        _percentile(times, 95),
+        _percentile(times, 99),
+        errors,
+    )
+
+
+def bench_http(
+    repository: Path, model: str, photo: Path, concurrencies: Sequence[int], requests_per_level: int, log: Path
+) -> list[Row]:
+    hey = shutil.which("hey")
+    if hey is None:
+        raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
+    port = _free_port()
+    env = {**os.environ, "DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model}
+    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        rows = []
+        for c in concurrencies:
+            run_hey(hey, url + "/classify", photo, c, max(c * 4, requests_per_level // 5))  # warm the connections
+            rows.append(run_hey(hey, url + "/classify", photo, c, max(c * 4, requests_per_level)))
+        return rows
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"deepvit bench: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SystemExit("deepvit bench: the server did not become ready")
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def render(rows: list[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| layer | setting | images/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.layer} | {r.setting} | {_fmt(r.images_per_s)} | {_fmt(r.p50_ms)} | {_fmt(r.p95_ms)} | "
+            f"{_fmt(r.p99_ms)} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(
+    repository: Path,
+    model: str | None,
+    photos_dir: Path,
+    output: Path | None,
+    concurrencies: Sequence[int] = (1, 8, 32, 64),
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    requests_per_level: int = 400,
+    min_time_s: float = 3.0,
+) -> str:
+    found = scan_repository(repository)
+    if not found:
+        raise SystemExit(f"deepvit bench: no model in {repository}")
+    name = model or sorted(found)[0]
+    if name not in found:
+        raise SystemExit(f"deepvit bench: model {name!r} is not in {repository} (found {', '.join(found)})")
+    version = max(found[name])
+    photos = sorted(p for p in photos_dir.glob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"deepvit bench: no *.jpg photographs in {photos_dir}")
+    settings = Settings(model_repository=repository, providers=["cuda", "cpu"])
+    rt = ModelRuntime(found[name][version], settings)
+    print(f"benchmarking {name} v{version} on {rt.provider}…", file=sys.stderr, flush=True)
+    rows = bench_runtime(rt, batch_sizes, min_time_s)
+    blobs = [p.read_bytes() for p in photos]
+    rows.append(bench_pipeline(rt, blobs, settings.max_batch_size, os.cpu_count() or 2, min_time_s))
+    del rt  # free the session before the server takes the cores
+    log = (output or Path(".")) / f".bench-{name}-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rows += bench_http(repository, name, photos[0], concurrencies, requests_per_level, log)
+    log.unlink(missing_ok=True)
+    pipeline = next(r for r in rows if r.layer == "in-process pipeline").images_per_s
+    http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
+    ratios = ", ".join(f"{k.split()[-1]}: {v / pipeline:.0%}" for k, v in http.items())
+    header = (
+        f"### {name} v{version} ({rt_meta(found[name][version])}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
+        f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
+        f"HTTP throughput / in-process pipeline, by concurrency: {ratios}"
+    )
+    table = render(rows, header)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / f"{name}.md").write_text(f"<!-- written by deepvit bench -->\n{table}\n")
+    return table
+
+
+def rt_meta(path: Path) -> str:
+    from .artifact import read_metadata
+
+    m = read_metadata(path)
+    return f"{m.arch}, {m.preprocess.crop_size} px, {m.precision}, {m.weights}"
