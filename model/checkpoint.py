@@ -93,8 +93,7 @@ def read_checkpoint(path: str | Path) -> Any:
             ) from None
         if head.startswith(_ZIP_MAGIC) and not _could_be_torch_zip(path):
             raise NotACheckpointError(
-                f"{path} is a zip archive but not a PyTorch checkpoint "
-                "(it has no data.pkl written by torch.save)"
+                f"{path} is a zip archive but not a PyTorch checkpoint (it has no data.pkl written by torch.save)"
             ) from None
         if head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC:
             reason = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
@@ -132,9 +131,7 @@ def select_state_dict(obj: Any, weights: WeightsKind = "state_dict") -> dict[str
             raise CheckpointError("--ema was given, but the file is a bare state dict with no EMA weights")
         return dict(obj)
     if not isinstance(obj, Mapping):
-        raise NotACheckpointError(
-            f"the file holds a {type(obj).__name__}, not a state dict or checkpoint dict"
-        )
+        raise NotACheckpointError(f"the file holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     candidates = ("state_dict_ema", "model_ema") if weights == "ema" else ("state_dict", "model")
     for key in candidates:
         if key in obj and is_state_dict(obj[key]):
@@ -187,11 +184,7 @@ def suggest_architecture(sd: Mapping[str, Tensor]) -> str | None:
     """The official variant whose keys and shapes the weights match, ignoring the classifier width."""
     for name, cfg in VARIANTS.items():
         report = compare_keys(_meta_state_dict(cfg), sd)
-        if (
-            not report.missing
-            and not report.unexpected
-            and all(k.startswith("head.") for k, _, _ in report.mismatched)
-        ):
+        if not report.missing and not report.unexpected and all(k.startswith("head.") for k, _, _ in report.mismatched):
             return name
     return None
 
@@ -207,9 +200,7 @@ def load_weights(model: nn.Module, sd: Mapping[str, Tensor], arch_label: str) ->
         model.load_state_dict(sd, strict=True)
         return
     head_only = (
-        not report.missing
-        and not report.unexpected
-        and all(k.startswith("head.") for k, _, _ in report.mismatched)
+        not report.missing and not report.unexpected and all(k.startswith("head.") for k, _, _ in report.mismatched)
     )
     if head_only:
         ckpt_classes = report.mismatched[0][1][0]
@@ -231,9 +222,7 @@ def load_weights(model: nn.Module, sd: Mapping[str, Tensor], arch_label: str) ->
     if suggestion:
         lines.append(f"  its keys and shapes match --arch {suggestion}")
     else:
-        lines.append(
-            "  no official architecture matches; pass the config it was trained with (--model-config)"
-        )
+        lines.append("  no official architecture matches; pass the config it was trained with (--model-config)")
     raise ArchitectureMismatchError("\n".join(lines))
 
 

@@ -121,9 +121,12 @@ class DeepViTConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}; known fields are {sorted(known)}")
+        problems = _json_type_problems(data)
+        if problems:
+            raise ConfigError("invalid DeepViT config: " + "; ".join(problems))
         values = dict(data)
         if "reattention_blocks" in values:
-            values["reattention_blocks"] = tuple(int(i) for i in values["reattention_blocks"])
+            values["reattention_blocks"] = tuple(values["reattention_blocks"])
         try:
             return cls(**values)
         except TypeError as exc:
@@ -138,6 +141,30 @@ class DeepViTConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"model config {path} must be a JSON object of config fields")
         return cls.from_dict(data)
+
+
+def _json_type_problems(data: dict[str, Any]) -> list[str]:
+    # JSON types checked against each field's default, so that "transform_scale": "false" (truthy) or
+    # "depth": 4.5 is an error naming the field rather than a silently different model or a traceback.
+    problems = []
+    for f in dataclasses.fields(DeepViTConfig):
+        if f.name not in data:
+            continue
+        value, default = data[f.name], f.default
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:  # reattention_blocks
+            ok = isinstance(value, list | tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+            want = "a list of block indices"
+        if not ok:
+            problems.append(f"{f.name} must be {want}, not {value!r}")
+    return problems
 
 
 def _official(**kw: Any) -> DeepViTConfig:
