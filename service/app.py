@@ -17,10 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings
 from .context import AppContext
 from .errors import ArtifactError, ServiceError, UnavailableError
+from .live_repository import LiveRepository
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .repository import ModelManager
-from .routes import classify, health
+from .routes import classify, health, oip
 from .runtime import GpuRequiredError
 
 log = logging.getLogger("deepvit.app")
@@ -77,7 +78,8 @@ def create_app(
     metrics = metrics or Metrics()
     manager = manager or ModelManager(settings, metrics)
     pool = ThreadPoolExecutor(max_workers=settings.decode_threads or (os.cpu_count() or 2), thread_name_prefix="decode")
-    ctx = AppContext(settings=settings, metrics=metrics, models=manager, decode_pool=pool)
+    repository = LiveRepository(manager)
+    ctx = AppContext(settings=settings, metrics=metrics, models=manager, decode_pool=pool, repository=repository)
 
     async def load() -> None:
         try:
@@ -92,6 +94,9 @@ def create_app(
             log.exception("start-up failed")
             if on_fatal is not None:
                 on_fatal(ctx.startup_error)
+        else:
+            if settings.repository_poll_s > 0:
+                await repository.poll_forever(settings.repository_poll_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,5 +120,6 @@ def create_app(
     _install_error_handlers(app, ctx)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(oip.router)
     app.add_middleware(RequestMiddleware, ctx=ctx)
     return app

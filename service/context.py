@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from .config import Settings
+from .live_repository import LiveRepository
 from .metrics import Metrics
 from .repository import ModelManager
 
@@ -19,6 +20,7 @@ class AppContext:
     metrics: Metrics
     models: ModelManager
     decode_pool: ThreadPoolExecutor
+    repository: LiveRepository  # polling and explicit load/unload over ``models``
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (probes included)
     startup_error: str | None = None

@@ -16,6 +16,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+REJECTION_REASONS = ("queue_full", "draining", "deadline", "not_ready", "unloading", "body_too_large")
 
 
 class Metrics:
@@ -64,6 +65,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Known reasons exist at 0 from the start, so rate() sees the first rejection.
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
         self.model_ready = Gauge(
             "deepvit_model_ready", "1 when the model version serves traffic", ["model", "version"], registry=r
         )

@@ -2,14 +2,20 @@
 
 ``ModelManager`` owns the served model versions: each has an ONNX Runtime session and its own batcher.
 Loading and warm-up run off the event loop; a version takes traffic only once warmed.
+
+Swaps cost no request: a request holds a ``lease`` on the version it resolved until its answer is in, and
+unloading (an explicit unload, a newer version, a changed file) first takes the version out of the lookup,
+then waits for the leases, lets the queued batches finish (``Batcher.close(drain=True)``) and only then
+releases the session. A version replaced by a reload of the same number is swapped in one step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +34,12 @@ ARTIFACT_NAME = "model.onnx"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 State = Literal["loading", "ready", "unloading", "failed"]
+Signature = tuple[int, int]  # (mtime_ns, size) of model.onnx: what tells a changed file
+
+
+def artifact_signature(path: Path) -> Signature:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
 
 
 def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
@@ -88,11 +100,17 @@ class ModelVersion:
     batcher: Batcher[np.ndarray, Prediction]
     state: State = "loading"
     warmup_s: float = 0.0
-    inflight: int = field(default=0)
+    inflight: int = field(default=0)  # requests holding a lease: unloading waits for them
+    signature: Signature | None = None  # of the file this session was built from
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.runtime.meta.labels
+
+
+def _info_labels(mv: ModelVersion) -> tuple[str, str, str, str, str]:
+    meta = mv.runtime.meta
+    return mv.name, str(mv.version), mv.runtime.provider_label, meta.precision, meta.weights
 
 
 class ModelManager:
@@ -101,6 +119,8 @@ class ModelManager:
         self.metrics = metrics
         self.models: dict[str, dict[int, ModelVersion]] = {}
         self.failures: dict[tuple[str, int], str] = {}
+        self.loading: set[tuple[str, int]] = set()
+        self.unloading: dict[tuple[str, int], ModelVersion] = {}
         self.loaded = False  # the start-up load has finished
 
     # -- loading --------------------------------------------------------------------------------
@@ -122,22 +142,29 @@ class ModelManager:
         return mv
 
     async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:
+        """Build and warm a version, then put it into service; one already serving under the same number
+        keeps serving until then and is unloaded (drained) afterwards. A failure is recorded and raised."""
         log.info("loading %s version %d from %s", name, version, path, extra={"model": name, "version": version})
+        self.loading.add((name, version))
         try:
+            signature = artifact_signature(path)
             mv = await asyncio.to_thread(self._build, name, version, path)
-        except ArtifactError as exc:
-            self.failures[(name, version)] = str(exc)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+            self.failures[(name, version)] = reason
             self.metrics.model_load_failures.labels(name, str(version)).inc()
             raise
+        finally:
+            self.loading.discard((name, version))
+        mv.signature = signature
         mv.batcher.start()
         mv.state = "ready"
         self.failures.pop((name, version), None)
-        self.models.setdefault(name, {})[version] = mv
+        replaced = self.models.setdefault(name, {}).get(version)
+        self.models[name][version] = mv
         meta = mv.runtime.meta
         self.metrics.model_ready.labels(name, str(version)).set(1)
-        self.metrics.model_info.labels(name, str(version), mv.runtime.provider_label, meta.precision, meta.weights).set(
-            1
-        )
+        self.metrics.model_info.labels(*_info_labels(mv)).set(1)
         log.info(
             "model %s version %d ready on %s (%s, %s weights%s), warm-up %.2fs",
             name,
@@ -156,6 +183,8 @@ class ModelManager:
                 version,
                 extra={"model": name, "version": version, "event": "untrained_model"},
             )
+        if replaced is not None:
+            await self.unload_version(replaced)
         return mv
 
     async def load_repository(self) -> None:
@@ -176,19 +205,34 @@ class ModelManager:
         self.loaded = True
 
     async def unload_version(self, mv: ModelVersion) -> None:
-        """Stop new traffic at once, let queued requests finish, then release the session."""
+        """Stop new traffic at once, wait for the requests holding a lease and the queued batches to finish,
+        then release the session."""
+        key = (mv.name, mv.version)
         mv.state = "unloading"
+        self.unloading[key] = mv
         versions = self.models.get(mv.name, {})
         if versions.get(mv.version) is mv:
             del versions[mv.version]
         if not versions:
             self.models.pop(mv.name, None)
-        await mv.batcher.close(drain=True)
-        self.metrics.model_ready.remove(mv.name, str(mv.version))
-        info = mv.runtime.meta
-        self.metrics.model_info.remove(
-            mv.name, str(mv.version), mv.runtime.provider_label, info.precision, info.weights
-        )
+        try:
+            loop = asyncio.get_running_loop()
+            # A lease is held from lookup to answer; a request's deadline bounds it, except a slow upload.
+            end = loop.time() + self.settings.request_timeout_s
+            while mv.inflight > 0 and loop.time() < end:
+                await asyncio.sleep(0.005)
+            await mv.batcher.close(drain=True)
+        finally:
+            if self.unloading.get(key) is mv:
+                del self.unloading[key]
+        # A successor under the same number already set these series; only drop what it does not share.
+        successor = self.models.get(mv.name, {}).get(mv.version)
+        if successor is None:
+            with contextlib.suppress(KeyError):
+                self.metrics.model_ready.remove(mv.name, str(mv.version))
+        if successor is None or _info_labels(successor) != _info_labels(mv):
+            with contextlib.suppress(KeyError):
+                self.metrics.model_info.remove(*_info_labels(mv))
         log.info("unloaded %s version %d", mv.name, mv.version, extra={"model": mv.name, "version": mv.version})
 
     async def close(self) -> None:
@@ -215,6 +259,16 @@ class ModelManager:
         raise BadRequestError(
             f"several models are served; name one with ?model= (one of {', '.join(sorted(self.models))})"
         )
+
+    @contextlib.contextmanager
+    def lease(self, name: str | None, version: int | None) -> Iterator[ModelVersion]:
+        """``resolve``, and hold the version until the block ends: an unload waits for it."""
+        mv = self.resolve(name, version)
+        mv.inflight += 1
+        try:
+            yield mv
+        finally:
+            mv.inflight -= 1
 
     def resolve(self, name: str | None, version: int | None) -> ModelVersion:
         if not self.loaded:

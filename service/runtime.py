@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +42,28 @@ def warmup_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN from the NVIDIA pip wheels when they are installed (onnxruntime >= 1.21), so a pip
+    install without system CUDA still gets the GPU. Harmless without them: the check below reports fallback."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # a missing wheel is not an error here; the provider check decides
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
 class ModelRuntime:
     def __init__(self, path: str | Path, settings: Settings) -> None:
         import onnxruntime as ort
 
+        if "cuda" in settings.providers:
+            _preload_cuda_libraries(ort)
         self.path = Path(path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3

@@ -176,16 +176,17 @@ async def classify(
             f"content type {media or '(none)'!r} is not supported; send the image bytes with Content-Type "
             "image/jpeg (or image/png, application/octet-stream), or multipart/form-data with 'file' parts"
         )
-    mv = ctx.models.resolve(model, version)
-    n_classes = mv.runtime.meta.num_classes
-    if top_k > n_classes:
-        raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
-    if multipart:
-        blobs = await read_parts(request, ctx)
-    else:
-        blobs = [(None, await request.body())]
-    images = await preprocess_all(ctx, mv, blobs)
-    preds = await infer_images(ctx, mv, images, started)
+    # The lease keeps this version serving until the answer is in, even if a newer one replaces it meanwhile.
+    with ctx.models.lease(model, version) as mv:
+        n_classes = mv.runtime.meta.num_classes
+        if top_k > n_classes:
+            raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
+        if multipart:
+            blobs = await read_parts(request, ctx)
+        else:
+            blobs = [(None, await request.body())]
+        images = await preprocess_all(ctx, mv, blobs)
+        preds = await infer_images(ctx, mv, images, started)
     request.state.log.update(
         model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)
     )

@@ -31,7 +31,8 @@ async def readyz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONRespon
     elif ctx.startup_error:
         reason = f"start-up failed: {ctx.startup_error}"
     elif not ctx.models.ready:
-        reason = "models are loading and warming up"
+        loading = not ctx.models.loaded or ctx.models.loading
+        reason = "models are loading and warming up" if loading else "no model is loaded (all were unloaded)"
     else:
         return JSONResponse({"status": "ready", "models": models})
     return JSONResponse(

@@ -1,0 +1,242 @@
+"""The live repository: keeps the served versions in step with the files of the model repository, by
+polling (``DEEPVIT_REPOSITORY_POLL_S``) and on request (the Open Inference Protocol's repository extension:
+index, load, unload).
+
+Per model, the wanted versions are those the version policy selects among the files on disk. A wanted version
+that is new, or whose file changed (modification time or size), is loaded and warmed before it takes traffic
+(``ModelManager.load_version``); the versions it supersedes are unloaded only once every wanted version serves,
+so a version that fails to load (corrupt file, wrong metadata) leaves what serves serving. A version whose file
+is gone is unloaded. A failure is logged, counted in ``deepvit_model_load_failures`` and listed with its reason
+by ``index``; the same file is not tried again until it changes or an explicit load asks for it.
+
+While polling, a new or changed file is loaded only once two scans in a row found it the same, so a file still
+being copied is not read half-written (writing to a temporary name and renaming it into place is better still),
+and a version is unloaded only once two scans in a row missed it, so a directory replaced by a rename costs no
+request. A repository root that cannot be read changes nothing.
+An explicit unload holds the model: polling leaves it unloaded until an explicit load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .config import Settings
+from .errors import BadRequestError, NotFoundError
+from .repository import ModelManager, Signature, artifact_signature, scan_repository, select_versions
+
+log = logging.getLogger("deepvit.repository")
+
+IndexState = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]
+Found = dict[int, tuple[Path, Signature]]  # version -> (model.onnx, its signature)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: int
+    state: IndexState
+    reason: str = ""
+
+
+def plan_loads(
+    on_disk: Mapping[int, Signature],
+    served: Mapping[int, Signature | None],
+    failed: Mapping[int, Signature],
+    policy: str,
+    *,
+    settled: Collection[int] | None = None,
+    retry_failed: bool = False,
+) -> list[int]:
+    """Versions to load: wanted ones that do not serve yet, and serving ones (wanted, or kept because a wanted
+    one failed) whose file changed. ``settled`` (when given) limits them to files seen unchanged by the
+    previous scan; a file that failed is skipped unless it changed since or ``retry_failed``."""
+    out = []
+    for v in sorted(set(select_versions(list(on_disk), policy)) | (set(served) & set(on_disk))):
+        sig = on_disk[v]
+        if v in served and served[v] == sig:
+            continue
+        if settled is not None and v not in settled:
+            continue
+        if not retry_failed and failed.get(v) == sig:
+            continue
+        out.append(v)
+    return out
+
+
+def plan_unloads(on_disk: Collection[int], served: Collection[int], policy: str) -> list[int]:
+    """Served versions to release: those the policy no longer wants, but only once every wanted version
+    serves (so a failed newcomer leaves its predecessor serving); those whose file is gone, always."""
+    wanted = set(select_versions(list(on_disk), policy))
+    if wanted <= set(served):
+        return sorted(set(served) - wanted)
+    return sorted(v for v in served if v not in on_disk)
+
+
+class LiveRepository:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self.settings: Settings = manager.settings
+        self.policy = manager.settings.version_policy
+        self.held: set[str] = set()  # unloaded by request: polling leaves these alone
+        self._failed: dict[tuple[str, int], Signature] = {}  # the file that failed, not to be retried as is
+        self._previous_scan: dict[str, Found] = {}
+        self._root_missing = False
+        self._lock = asyncio.Lock()  # one change of the served set at a time (poll, load, unload)
+
+    def _public(self, reason: str) -> str:
+        """A reason with paths relative to the repository: callers need not learn the server's file system."""
+        return reason.replace(f"{self.settings.model_repository.resolve()}/", "").replace(
+            f"{self.settings.model_repository}/", ""
+        )
+
+    # -- what is on disk ------------------------------------------------------------------------
+    def _scan(self) -> dict[str, Found]:
+        out: dict[str, Found] = {}
+        for name, versions in scan_repository(self.settings.model_repository).items():
+            for v, path in versions.items():
+                try:
+                    out.setdefault(name, {})[v] = (path, artifact_signature(path))
+                except OSError:  # removed between listing and stat
+                    continue
+        return out
+
+    async def scan(self) -> dict[str, Found]:
+        return await asyncio.to_thread(self._scan)  # a network file system can be slow
+
+    # -- bringing one model in step -------------------------------------------------------------
+    async def _sync_model(
+        self, name: str, found: Found, *, settled: Collection[int] | None, retry_failed: bool
+    ) -> list[str]:
+        """Load what is wanted and new or changed, then unload what is superseded or gone. Returns the
+        failures of this pass, one line per version."""
+        m = self.manager
+        on_disk = {v: sig for v, (_, sig) in found.items()}
+        served = {v: mv.signature for v, mv in m.models.get(name, {}).items()}
+        failed = {v: sig for (n, v), sig in self._failed.items() if n == name}
+        problems = []
+        for v in plan_loads(on_disk, served, failed, self.policy, settled=settled, retry_failed=retry_failed):
+            path, sig = found[v]
+            try:
+                await m.load_version(name, v, path)
+            except Exception as exc:
+                self._failed[(name, v)] = sig
+                reason = m.failures.get((name, v), str(exc))
+                problems.append(f"version {v}: {self._public(reason)}")
+                log.error(
+                    "model %s version %d failed to load; the versions serving keep serving: %s",
+                    name,
+                    v,
+                    reason,
+                    extra={"model": name, "version": v, "event": "model_load_failed"},
+                )
+            else:
+                self._failed.pop((name, v), None)
+        current = m.models.get(name, {})
+        for mv in [current[v] for v in plan_unloads(on_disk, list(current), self.policy)]:
+            why = "its file is gone" if mv.version not in on_disk else f"the version policy {self.policy} moved on"
+            log.info("unloading %s version %d: %s", name, mv.version, why, extra={"model": name, "version": mv.version})
+            await m.unload_version(mv)
+        for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in on_disk]:
+            self._failed.pop(key, None)  # the failed file is gone: nothing left to report
+            m.failures.pop(key, None)
+        return problems
+
+    async def poll_once(self) -> None:
+        root = self.settings.model_repository
+        if not await asyncio.to_thread(root.is_dir):  # an unmounted volume is not "every model removed"
+            if not self._root_missing:
+                log.error("model repository %s is not readable; serving what is loaded", root)
+            self._root_missing = True
+            return
+        self._root_missing = False
+        async with self._lock:
+            scan = await self.scan()
+            previous, self._previous_scan = self._previous_scan, scan
+            for name in sorted(set(scan) | set(self.manager.models)):
+                if name in self.held:
+                    continue
+                found, before = dict(scan.get(name, {})), previous.get(name, {})
+                settled = {v for v, (_, sig) in found.items() if v in before and before[v][1] == sig}
+                for v, entry in before.items():
+                    # Gone since the last scan only (a directory being renamed into place?): one more scan first.
+                    found.setdefault(v, entry)
+                await self._sync_model(name, found, settled=settled, retry_failed=False)
+
+    async def poll_forever(self, interval_s: float) -> None:
+        log.info(
+            "watching %s every %gs for new, changed and removed versions",
+            self.settings.model_repository,
+            interval_s,
+            extra={"event": "repository_polling"},
+        )
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("polling the model repository failed; trying again in %gs", interval_s)
+
+    # -- the repository extension ---------------------------------------------------------------
+    async def load(self, name: str) -> None:
+        """Load (or reload what changed of) a model's wanted versions now, failed files included."""
+        async with self._lock:
+            self.held.discard(name)
+            found = (await self.scan()).get(name, {})
+            problems = await self._sync_model(name, found, settled=None, retry_failed=True)
+        if not found:
+            raise NotFoundError(f"model {name!r} is not in the repository (no {name}/<version>/model.onnx)")
+        if problems:
+            serving = sorted(self.manager.models.get(name, {}))
+            still = f"; serving versions {', '.join(map(str, serving))}" if serving else "; nothing of it serves"
+            raise BadRequestError(f"model {name!r} failed to load: {'; '.join(problems)}{still}")
+        if not self.manager.models.get(name):
+            raise BadRequestError(f"no version of {name!r} on disk is selected by the version policy {self.policy}")
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model (each drained first) and keep it unloaded until a load."""
+        async with self._lock:
+            served = list(self.manager.models.get(name, {}).values())
+            if not served and name not in (await self.scan()):
+                raise NotFoundError(f"unknown model {name!r}: it is neither served nor in the repository")
+            self.held.add(name)
+            for mv in served:
+                log.info("unloading %s version %d by request", name, mv.version, extra={"model": name})
+                await self.manager.unload_version(mv)
+
+    async def index(self) -> list[IndexEntry]:
+        """Every version on disk or in memory, with its state and, when it does not serve, why."""
+        m = self.manager
+        scan = await self.scan()
+        keys = {(n, v) for n, vs in scan.items() for v in vs}
+        keys |= {(n, v) for n, vs in m.models.items() for v in vs} | m.loading | set(m.unloading)
+        wanted = {n: set(select_versions(list(vs), self.policy)) for n, vs in scan.items()}
+        return [self._entry(name, v, wanted.get(name, set())) for name, v in sorted(keys)]
+
+    def _entry(self, name: str, v: int, wanted: set[int]) -> IndexEntry:
+        m = self.manager
+        key = (name, v)
+        if v in m.models.get(name, {}):
+            if key in m.loading:
+                return IndexEntry(name, v, "READY", "a changed file is loading")
+            if key in m.failures:
+                reason = f"the changed file failed to load, the previous one serves: {self._public(m.failures[key])}"
+                return IndexEntry(name, v, "READY", reason)
+            return IndexEntry(name, v, "READY")
+        if key in m.loading:
+            return IndexEntry(name, v, "LOADING")
+        if key in m.unloading:
+            return IndexEntry(name, v, "UNLOADING")
+        if key in m.failures:
+            return IndexEntry(name, v, "UNAVAILABLE", self._public(m.failures[key]))
+        if name in self.held:
+            return IndexEntry(name, v, "UNAVAILABLE", "unloaded by request")
+        if v not in wanted:
+            return IndexEntry(name, v, "UNAVAILABLE", f"not selected by the version policy {self.policy}")
+        if self.settings.repository_poll_s > 0:
+            return IndexEntry(name, v, "UNAVAILABLE", "new on disk: loads at the next poll")
+        return IndexEntry(name, v, "UNAVAILABLE", "new on disk: polling is off, so load it by request")

@@ -1,0 +1,222 @@
+"""The Open Inference Protocol (KServe v2) REST endpoints, with its repository extension.
+
+Inference goes through the same preprocessing, dynamic batcher and metrics as ``/classify`` (its helpers; a
+request of N images is N batch items). Errors are the service's error tree, so the app's handlers answer them
+as the protocol asks: ``{"error": ...}``; 400 for a shape, datatype or input-name mismatch, 404 for an unknown
+model or version, 503 for one not ready (or being unloaded). How the tensors map onto the model is in
+``service.oip.inference``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from ..context import AppContext, get_context
+from ..errors import BadRequestError
+from ..oip.codec import HEADER_LENGTH, decompress, split_body
+from ..oip.inference import (
+    EXTENSIONS,
+    ModelIO,
+    encode_answer,
+    model_metadata,
+    parse_request,
+    read_images,
+    wanted_outputs,
+)
+from ..oip.schemas import (
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
+    RepositoryLoadRequest,
+    RepositoryModelState,
+    ServerLive,
+    ServerMetadata,
+)
+from .classify import ErrorResponse, infer_images, preprocess_all
+from .health import readyz
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
+
+Ctx = Annotated[AppContext, Depends(get_context)]
+Version = Annotated[int, Path(ge=1, description="model version")]
+M = TypeVar("M", bound=BaseModel)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in {
+        400: "shape, datatype or input-name mismatch; malformed request",
+        404: "unknown model or version",
+        413: "body or pixel count over the limit",
+        503: "model not ready, being unloaded, queue full or draining (see Retry-After)",
+        504: "deadline passed while queued",
+    }.items()
+}
+
+
+def _body_as(model: type[M], body: bytes) -> M:
+    """An optional JSON body (Triton's clients send an empty one) as ``model``."""
+    if not body.strip():
+        return model()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadRequestError(f"malformed request body: {exc.errors()[0]['msg']}") from None
+
+
+# -- server -----------------------------------------------------------------------------------------
+@router.get("", response_model=ServerMetadata, summary="Server metadata and the protocol extensions it supports")
+async def server_metadata(request: Request) -> ServerMetadata:
+    return ServerMetadata(name="deepvit-serve", version=str(request.app.version), extensions=EXTENSIONS)
+
+
+@router.get("/health/live", response_model=ServerLive, summary="The process is up")
+async def server_live() -> ServerLive:
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", summary="200 when every model is loaded and warmed and the server is not draining")
+async def server_ready(ctx: Ctx) -> JSONResponse:
+    return await readyz(ctx)
+
+
+# -- models -----------------------------------------------------------------------------------------
+def _metadata(ctx: AppContext, name: str, version: int | None) -> ModelMetadata:
+    mv = ctx.models.resolve(name, version)
+    return model_metadata(mv, sorted(ctx.models.models.get(name, {})))
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS, summary="Model metadata")
+async def model_meta(ctx: Ctx, name: str) -> ModelMetadata:
+    return _metadata(ctx, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS, summary="Model metadata"
+)
+async def model_version_meta(ctx: Ctx, name: str, version: Version) -> ModelMetadata:
+    return _metadata(ctx, name, version)
+
+
+def _ready(ctx: AppContext, name: str, version: int | None) -> ModelReady:
+    mv = ctx.models.resolve(name, version)  # 404 unknown, 503 loading or unloading
+    return ModelReady(name=mv.name, version=str(mv.version), ready=True)
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady, responses=_ERRORS, summary="200 when it serves")
+async def model_ready(ctx: Ctx, name: str) -> ModelReady:
+    return _ready(ctx, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses=_ERRORS,
+    summary="200 when it serves",
+)
+async def model_version_ready(ctx: Ctx, name: str, version: Version) -> ModelReady:
+    return _ready(ctx, name, version)
+
+
+# -- inference --------------------------------------------------------------------------------------
+_INFER_DOC: dict[str, Any] = {
+    "responses": {200: {"model": InferenceResponse, "description": "JSON, or JSON then binary tensors"}, **_ERRORS},
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "object", "description": "an inference request"}},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"the JSON request ({HEADER_LENGTH} bytes), then the binary tensors",
+                },
+            },
+        }
+    },
+}
+
+
+async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
+    started = time.monotonic()
+    with ctx.models.lease(name, version) as mv:  # held until the answer is in: a swap waits for it
+        io = ModelIO.of(mv)
+        body = decompress(await request.body(), request.headers.get("content-encoding"), ctx.settings.max_body_bytes)
+        head, binary = split_body(body, request.headers.get(HEADER_LENGTH))
+        req = parse_request(head)
+        outputs = wanted_outputs(req, io)
+        images = read_images(req, binary, io, ctx.settings.max_images_per_request)
+        if images.encoded is not None:
+            blobs: list[tuple[str | None, bytes]] = [(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)]
+            pixels = await preprocess_all(ctx, mv, blobs)
+        else:
+            assert images.pixels is not None
+            pixels = images.pixels
+        preds = await infer_images(ctx, mv, pixels, started)
+    request.state.log.update(
+        model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)
+    )
+    content, headers = encode_answer(req, mv, io, np.stack([p.logits for p in preds]), outputs)
+    media_type = headers.pop("content-type")
+    return Response(content, headers=headers, media_type=media_type)
+
+
+@router.post("/models/{name}/infer", summary="Inference on the latest served version", **_INFER_DOC)
+async def infer(request: Request, ctx: Ctx, name: str) -> Response:
+    return await _infer(request, ctx, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", **_INFER_DOC)
+async def infer_version(request: Request, ctx: Ctx, name: str, version: Version) -> Response:
+    return await _infer(request, ctx, name, version)
+
+
+# -- the repository extension -----------------------------------------------------------------------
+@router.post(
+    "/repository/index",
+    response_model=list[RepositoryIndexEntry],
+    summary="Every version on disk or in memory, with its state and why it does not serve",
+)
+async def repository_index(request: Request, ctx: Ctx) -> list[RepositoryIndexEntry]:
+    opts = _body_as(RepositoryIndexRequest, await request.body())
+    return [
+        RepositoryIndexEntry(name=e.name, version=str(e.version), state=e.state, reason=e.reason)
+        for e in await ctx.repository.index()
+        if not opts.ready or e.state == "READY"
+    ]
+
+
+def _state(ctx: AppContext, name: str) -> RepositoryModelState:
+    return RepositoryModelState(name=name, versions=[str(v) for v in sorted(ctx.models.models.get(name, {}))])
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    response_model=RepositoryModelState,
+    responses=_ERRORS,
+    summary="Load the model's versions the version policy selects (new or changed files, failed ones again)",
+)
+async def repository_load(request: Request, ctx: Ctx, name: str) -> RepositoryModelState:
+    opts = _body_as(RepositoryLoadRequest, await request.body())
+    if "config" in opts.parameters or any(k.startswith("file:") for k in opts.parameters):
+        raise BadRequestError("this server loads models from its repository only: config and files are not taken")
+    await ctx.repository.load(name)
+    return _state(ctx, name)
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    response_model=RepositoryModelState,
+    responses=_ERRORS,
+    summary="Unload every version of the model (queued requests finish first); polling leaves it unloaded",
+)
+async def repository_unload(request: Request, ctx: Ctx, name: str) -> RepositoryModelState:
+    _body_as(RepositoryLoadRequest, await request.body())
+    await ctx.repository.unload(name)
+    return _state(ctx, name)
