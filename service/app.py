@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import Settings
 from .context import AppContext
-from .errors import ArtifactError, ServiceError, UnavailableError
+from .errors import ArtifactError, DeadlineExceededError, ServiceError, UnavailableError
 from .live_repository import LiveRepository
 from .metrics import Metrics
 from .middleware import RequestMiddleware
@@ -38,8 +38,11 @@ def _install_error_handlers(app: FastAPI, ctx: AppContext) -> None:
         if isinstance(exc, UnavailableError):
             ctx.metrics.rejected.labels(exc.reason).inc()
             headers = {"Retry-After": str(exc.retry_after_s)}
-        if exc.status >= 500 and not isinstance(exc, UnavailableError):
-            log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ or None)
+        if isinstance(exc, DeadlineExceededError):
+            log.warning("%s", exc.message)  # overload, not a fault: no traceback per request
+        elif exc.status >= 500 and not isinstance(exc, UnavailableError):
+            # A failed batch was logged once with its cause by the batcher; one line per request here.
+            log.error("%s: %s", type(exc).__name__, exc.message)
         return _error(exc.status, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -59,11 +62,7 @@ def _install_error_handlers(app: FastAPI, ctx: AppContext) -> None:
             message = f"{request.method} is not allowed on {request.url.path}"
         return _error(exc.status_code, message, dict(exc.headers) if exc.headers else None)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = getattr(request.state, "request_id", "-")
-        log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error(500, f"internal error (request id {rid}); the operators have it in the logs")
+    # Anything else is caught by RequestMiddleware, which answers a JSON 500 with the request id.
 
 
 def create_app(
@@ -107,7 +106,10 @@ def create_app(
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
-            await manager.close()
+            try:
+                await asyncio.wait_for(manager.close(), timeout=ctx.shutdown_budget_s)
+            except TimeoutError:
+                log.error("models still busy %.0fs into shutdown; exiting without them", ctx.shutdown_budget_s)
             pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(

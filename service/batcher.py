@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -97,6 +98,9 @@ class Batcher(Generic[T, R]):
         self._clock = clock
         self.name = name
         self._queue: deque[_Entry[T, R]] = deque()
+        # Entries queued and still wanted: the deque also holds entries whose caller gave up, until the
+        # loop pops them, and those must count neither against the limit nor in the depth gauge.
+        self._waiting = 0
         self._wakeup = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._slot_free.set()
@@ -132,11 +136,23 @@ class Batcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return self._waiting
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._computing
+        return not self._waiting and not self._computing
+
+    def has_capacity(self, n: int = 1) -> bool:
+        """Whether ``n`` more items would be queued now: an early check before expensive decoding."""
+        return not self._closed and self._waiting + n <= self.max_queue_size
+
+    def _on_done_cb(self, entry: _Entry[T, R], _future: asyncio.Future[R]) -> None:
+        self._on_done(entry)
+
+    def _on_done(self, entry: _Entry[T, R]) -> None:
+        if not entry.dispatched:  # expired or abandoned while queued
+            self._waiting -= 1
+            self._observer.queue_depth(self._waiting)
 
     # -- submitting -----------------------------------------------------------------------------
     async def submit(self, item: T, deadline: float) -> R:
@@ -146,15 +162,18 @@ class Batcher(Generic[T, R]):
         """Queue all items or none; wait for their results (in order) until ``deadline``."""
         if self._closed:
             raise BatcherClosedError("not accepting requests: shutting down")
-        if len(self._queue) + len(items) > self.max_queue_size:
+        if self._waiting + len(items) > self.max_queue_size:
             raise QueueFullError(
-                f"the queue of {self.name} is full ({len(self._queue)} of {self.max_queue_size} images waiting)"
+                f"the queue of {self.name} is full ({self._waiting} of {self.max_queue_size} images waiting)"
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
         entries = [_Entry[T, R](item, deadline, now, loop.create_future()) for item in items]
+        for e in entries:
+            e.future.add_done_callback(functools.partial(self._on_done_cb, e))
         self._queue.extend(entries)
-        self._observer.queue_depth(len(self._queue))
+        self._waiting += len(entries)
+        self._observer.queue_depth(self._waiting)
         self._wakeup.set()
         try:
             return [await self._wait(e) for e in entries]
@@ -162,12 +181,14 @@ class Batcher(Generic[T, R]):
             for e in entries:  # the caller gave up (deadline, error, disconnect): don't compute the rest
                 if not e.future.done():
                     e.future.cancel()
+                elif not e.future.cancelled():
+                    e.future.exception()  # retrieved, so asyncio does not log it as never retrieved
 
     async def _wait(self, entry: _Entry[T, R]) -> R:
         timeout = entry.deadline - self._clock()
         try:
             return await asyncio.wait_for(asyncio.shield(entry.future), timeout=max(timeout, 0))
-        except TimeoutError:
+        except TimeoutError:  # asyncio's own since Python 3.11 (hence requires-python)
             if entry.dispatched:  # already computing: its answer is moments away, so take it
                 return await entry.future
             entry.future.cancel()
@@ -188,9 +209,11 @@ class Batcher(Generic[T, R]):
                 now = self._clock()
                 if self._slot_free.is_set() and (full or now >= window_end or self._closed):
                     break
-                # Wait for more items, the end of the window, or (window over / full) a free slot.
+                # Wait for more items (unless full), the end of the window, or a busy slot to free up.
                 self._wakeup.clear()
-                waits = [asyncio.ensure_future(self._slot_free.wait())]
+                waits = []
+                if not self._slot_free.is_set():
+                    waits.append(asyncio.ensure_future(self._slot_free.wait()))
                 if not full:
                     waits.append(asyncio.ensure_future(self._wakeup.wait()))
                 timeout = window_end - now if now < window_end and not full else None
@@ -218,7 +241,6 @@ class Batcher(Generic[T, R]):
 
     def _live_head(self) -> bool:
         self._drop_dead_head()
-        self._observer.queue_depth(len(self._queue))
         return bool(self._queue)
 
     def _count_live(self, limit: int) -> int:
@@ -241,8 +263,9 @@ class Batcher(Generic[T, R]):
                 e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
                 continue
             e.dispatched = True
+            self._waiting -= 1
             batch.append(e)
-        self._observer.queue_depth(len(self._queue))
+        self._observer.queue_depth(self._waiting)
         return batch
 
     async def _compute(self, batch: list[_Entry[T, R]]) -> None:

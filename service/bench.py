@@ -69,7 +69,7 @@ def bench_runtime(rt: ModelRuntime, batch_sizes: Sequence[int], min_time_s: floa
 
 def bench_pipeline(rt: ModelRuntime, photos: list[bytes], batch: int, threads: int, min_time_s: float) -> Row:
     spec = rt.meta.preprocess
-    limits = ImageLimits(40_000_000)
+    limits = ImageLimits(Settings().max_image_pixels, Settings().max_aspect_ratio)
     pool = ThreadPoolExecutor(max_workers=threads)
     blobs = [photos[i % len(photos)] for i in range(batch)]
 
@@ -213,7 +213,7 @@ def run_bench(
     ratios = ", ".join(f"{k.split()[-1]}: {v / pipeline:.0%}" for k, v in http.items())
     header = (
         f"### {name} v{version} ({rt_meta(found[name][version])}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
         f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
         f"HTTP throughput / in-process pipeline, by concurrency: {ratios}"
     )

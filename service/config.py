@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model that /classify uses when none is named")
     version_policy: str = Field("latest:1", description="which versions to serve: latest:N, all, or specific:1,3")
     repository_poll_s: float = Field(0.0, ge=0, description="poll the repository every N s for changes (0: off)")
+    repository_control: bool = Field(
+        False, description="allow the repository extension's load and unload endpoints (no authentication of their own)"
+    )
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -53,6 +56,9 @@ class Settings(BaseSettings):
     # Input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
+    max_aspect_ratio: float = Field(
+        20.0, ge=1, description="largest long side / short side of one image (the resize cost grows with it)"
+    )
     max_images_per_request: int = Field(64, ge=1, description="most images in one multipart request")
     decode_threads: int = Field(0, ge=0, description="threads for image decoding (0: CPU count)")
 
@@ -87,6 +93,11 @@ class Settings(BaseSettings):
     def _gpu_consistent(self) -> Settings:
         if self.require_gpu and "cuda" not in self.providers:
             raise ValueError("require_gpu is set but cuda is not among the providers")
+        if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must hold at least one full batch "
+                f"({self.max_batch_size}) and one full request ({self.max_images_per_request} images)"
+            )
         return self
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -23,16 +24,22 @@ class AppContext:
     repository: LiveRepository  # polling and explicit load/unload over ``models``
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (probes included)
+    last_arrival: float = field(default_factory=time.monotonic)  # of a request other than a probe
     startup_error: str | None = None
-    _drained: asyncio.Event = field(default_factory=asyncio.Event)
+    shutdown_budget_s: float = 30.0  # what the drain left of the grace period for releasing models
 
-    async def drain(self, grace_s: float) -> bool:
-        """Refuse new work, wait for accepted requests to be answered; True if all were within grace_s."""
+    async def drain(self, grace_s: float, quiet_s: float = 1.0) -> bool:
+        """Refuse new work and wait for accepted requests to be answered, then for ``quiet_s`` without new
+        arrivals, so that clients still sending get a 503 rather than a refused connection while load
+        balancers catch up. Bounded by ``grace_s``; True if every accepted request was answered."""
         self.draining = True
         self.metrics.draining.set(1)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + grace_s
-        while self.inflight > 0 and loop.time() < end:
+        self.repository.stop()  # no more polls or loads: a build's thread would hold up the exit
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if self.inflight == 0 and now - self.last_arrival >= quiet_s:
+                break
             await asyncio.sleep(0.02)
         return self.inflight == 0
 

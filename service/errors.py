@@ -6,6 +6,7 @@ exception handlers turn them into HTTP statuses, each with a JSON ``{"error": ..
     ├── ArtifactError            a model file that cannot be served (start-up / repository; not HTTP)
     ├── RequestError             the caller's fault                                      4xx
     │   ├── BadRequestError      undecodable image, bad parameter                         400
+    │   ├── ForbiddenError       an operation this server's settings do not allow         403
     │   ├── NotFoundError        unknown model or version                                 404
     │   ├── PayloadTooLargeError body or pixel count over the limit                       413
     │   └── UnsupportedMediaTypeError                                                     415
@@ -35,6 +36,10 @@ class RequestError(ServiceError):
 
 class BadRequestError(RequestError):
     status = 400
+
+
+class ForbiddenError(RequestError):
+    status = 403
 
 
 class NotFoundError(RequestError):

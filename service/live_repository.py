@@ -14,6 +14,9 @@ being copied is not read half-written (writing to a temporary name and renaming 
 and a version is unloaded only once two scans in a row missed it, so a directory replaced by a rename costs no
 request. A repository root that cannot be read changes nothing.
 An explicit unload holds the model: polling leaves it unloaded until an explicit load.
+
+When the server starts draining it calls ``stop``: polling ends and no further version is loaded (a build under
+way runs to its end, as its thread cannot be interrupted), so no new build holds up the exit.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import Settings
-from .errors import BadRequestError, NotFoundError
+from .errors import BadRequestError, NotFoundError, UnavailableError
 from .repository import ModelManager, Signature, artifact_signature, scan_repository, select_versions
 
 log = logging.getLogger("deepvit.repository")
@@ -77,6 +80,10 @@ def plan_unloads(on_disk: Collection[int], served: Collection[int], policy: str)
     return sorted(v for v in served if v not in on_disk)
 
 
+def _draining() -> UnavailableError:
+    return UnavailableError("the server is shutting down; retry on another replica", reason="draining")
+
+
 class LiveRepository:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
@@ -86,6 +93,7 @@ class LiveRepository:
         self._failed: dict[tuple[str, int], Signature] = {}  # the file that failed, not to be retried as is
         self._previous_scan: dict[str, Found] = {}
         self._root_missing = False
+        self.stopped = False  # the server is draining: load nothing more
         self._lock = asyncio.Lock()  # one change of the served set at a time (poll, load, unload)
 
     def _public(self, reason: str) -> str:
@@ -120,6 +128,8 @@ class LiveRepository:
         failed = {v: sig for (n, v), sig in self._failed.items() if n == name}
         problems = []
         for v in plan_loads(on_disk, served, failed, self.policy, settled=settled, retry_failed=retry_failed):
+            if self.stopped:
+                break
             path, sig = found[v]
             try:
                 await m.load_version(name, v, path)
@@ -146,7 +156,13 @@ class LiveRepository:
             m.failures.pop(key, None)
         return problems
 
+    def stop(self) -> None:
+        """Draining has begun: polling ends, and a poll or load under way starts no further build."""
+        self.stopped = True
+
     async def poll_once(self) -> None:
+        if self.stopped:
+            return
         root = self.settings.model_repository
         if not await asyncio.to_thread(root.is_dir):  # an unmounted volume is not "every model removed"
             if not self._root_missing:
@@ -158,6 +174,8 @@ class LiveRepository:
             scan = await self.scan()
             previous, self._previous_scan = self._previous_scan, scan
             for name in sorted(set(scan) | set(self.manager.models)):
+                if self.stopped:
+                    break
                 if name in self.held:
                     continue
                 found, before = dict(scan.get(name, {})), previous.get(name, {})
@@ -174,7 +192,7 @@ class LiveRepository:
             interval_s,
             extra={"event": "repository_polling"},
         )
-        while True:
+        while not self.stopped:
             await asyncio.sleep(interval_s)
             try:
                 await self.poll_once()
@@ -185,6 +203,8 @@ class LiveRepository:
     async def load(self, name: str) -> None:
         """Load (or reload what changed of) a model's wanted versions now, failed files included."""
         async with self._lock:
+            if self.stopped:
+                raise _draining()
             self.held.discard(name)
             found = (await self.scan()).get(name, {})
             problems = await self._sync_model(name, found, settled=None, retry_failed=True)
@@ -195,6 +215,8 @@ class LiveRepository:
             still = f"; serving versions {', '.join(map(str, serving))}" if serving else "; nothing of it serves"
             raise BadRequestError(f"model {name!r} failed to load: {'; '.join(problems)}{still}")
         if not self.manager.models.get(name):
+            if self.stopped:  # draining began during the load
+                raise _draining()
             raise BadRequestError(f"no version of {name!r} on disk is selected by the version policy {self.policy}")
 
     async def unload(self, name: str) -> None:

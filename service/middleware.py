@@ -1,5 +1,5 @@
 """One pure-ASGI middleware for what every request shares: request id, draining, the body limit,
-in-flight accounting, HTTP metrics and the access log line."""
+in-flight accounting, unexpected errors, HTTP metrics and the access log line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import PayloadTooLargeError
@@ -18,20 +20,20 @@ if TYPE_CHECKING:
     from .context import AppContext
 
 access_log = logging.getLogger("deepvit.access")
+log = logging.getLogger("deepvit.app")
 
 # Probes and scrapes keep answering while the server drains; everything else gets 503.
 _ALWAYS_SERVED = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The method label is bounded: anything else is "other" (h11 accepts any token as a method).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+# nginx's code for "the client closed the connection before the answer": not a server error.
+CLIENT_CLOSED = 499
 
 
-def _json_response(status: int, error: str, request_id: str, extra_headers: list[tuple[bytes, bytes]]) -> list[Message]:
+def _json_messages(status: int, error: str, extra_headers: list[tuple[bytes, bytes]]) -> list[Message]:
     body = json.dumps({"error": error}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-        *extra_headers,
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
     return [
         {"type": "http.response.start", "status": status, "headers": headers},
         {"type": "http.response.body", "body": body},
@@ -43,6 +45,17 @@ class RequestMiddleware:
         self.app = app
         self.ctx = ctx
 
+    def _route_label(self, scope: Scope) -> str:
+        """The route template (bounded cardinality), also for replies sent before routing happened."""
+        route: Any = scope.get("route")
+        if route is None:
+            router: Any = scope.get("app")
+            for candidate in getattr(getattr(router, "router", None), "routes", []):
+                if candidate.matches(scope)[0] == Match.FULL:
+                    route = candidate
+                    break
+        return getattr(route, "path", None) or "unmatched"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -51,53 +64,61 @@ class RequestMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})
         scope["state"]["request_id"] = request_id
         scope["state"]["log"] = {}
         status = 500
+        response_started = False
+        close_connection = False  # set when the body was not read to its end
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                response_started = True
+                extra = [(b"x-request-id", request_id.encode())]
+                if close_connection:
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        async def reply(code: int, error: str, reason: str, extra: list[tuple[bytes, bytes]]) -> None:
-            ctx.metrics.rejected.labels(reason).inc()
-            for m in _json_response(code, error, request_id, extra):
+        async def reply(code: int, error: str, reason: str | None, extra: list[tuple[bytes, bytes]]) -> None:
+            if reason:
+                ctx.metrics.rejected.labels(reason).inc()
+            for m in _json_messages(code, error, extra):
                 await send_wrapper(m)
 
         path: str = scope["path"]
+        probe = path in _ALWAYS_SERVED
         limit = ctx.settings.max_body_bytes
         try:
-            if ctx.draining and path not in _ALWAYS_SERVED:
+            if not probe:
+                ctx.last_arrival = time.monotonic()
+            if ctx.draining and not probe:
+                # Connection: close, so clients drop their pooled connections to this replica.
+                close_connection = True
                 await reply(
-                    503,
-                    "the server is shutting down; retry on another replica",
-                    "draining",
-                    [(b"retry-after", b"1")],
+                    503, "the server is shutting down; retry on another replica", "draining", [(b"retry-after", b"1")]
                 )
                 return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
+                close_connection = True  # the body stays unread
                 await reply(
-                    413,
-                    f"the body is {int(declared):,} bytes; the limit is {limit:,} bytes",
-                    "body_too_large",
-                    [(b"connection", b"close")],
+                    413, f"the body is {int(declared):,} bytes; the limit is {limit:,} bytes", "body_too_large", []
                 )
                 return
             received = 0
 
             async def receive_capped() -> Message:
-                nonlocal received
+                nonlocal received, close_connection
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
+                        close_connection = True
+                        ctx.metrics.rejected.labels("body_too_large").inc()
                         raise PayloadTooLargeError(f"the body is over the limit of {limit:,} bytes")
                 return message
 
@@ -105,23 +126,32 @@ class RequestMiddleware:
             ctx.metrics.inflight.inc()
             try:
                 await self.app(scope, receive_capped, send_wrapper)
+            except ClientDisconnect:
+                status = CLIENT_CLOSED  # nothing to answer: the caller is gone
+            except Exception:
+                log.exception("unhandled error in %s %s", scope["method"], path, extra={"request_id": request_id})
+                if response_started:
+                    raise
+                await reply(
+                    500, f"internal error (request id {request_id}); the operators have it in the logs", None, []
+                )
             finally:
                 ctx.inflight -= 1
                 ctx.metrics.inflight.dec()
         finally:
             elapsed = time.perf_counter() - started
-            route_obj: Any = scope.get("route")
-            route = getattr(route_obj, "path", None) or "unmatched"
-            ctx.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
+            route = self._route_label(scope)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            ctx.metrics.http_requests.labels(route, method, str(status)).inc()
             ctx.metrics.request_duration.labels(route).observe(elapsed)
-            if path not in _ALWAYS_SERVED or status >= 400:
+            if not probe or status >= 400:
                 fields = {
                     "request_id": request_id,
-                    "method": scope["method"],
+                    "method": scope["method"][:16],
                     "route": route,
-                    "path": path,
                     "status": status,
                     "latency_ms": round(elapsed * 1000, 2),
                     **scope["state"].get("log", {}),
                 }
-                access_log.info("%s %s %d", scope["method"], path, status, extra=fields)
+                # The path is client data: logged as a JSON field (escaped), never inside the message.
+                access_log.info("%s %s %d", method, route, status, extra={**fields, "path": path[:512]})

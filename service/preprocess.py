@@ -13,8 +13,6 @@ before any pixel is decoded, and truncated or malformed files are refused rather
 from __future__ import annotations
 
 import io
-import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +21,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .artifact import PreprocessSpec
 from .errors import BadRequestError, PayloadTooLargeError
 
-# Formats a camera, phone or browser produces. Others Pillow knows (EPS, PSD, ...) widen the attack
-# surface for no user benefit (EPS would even call Ghostscript).
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
+# Formats a camera, phone or browser produces. Others Pillow knows widen the attack surface for no user
+# benefit: EPS would call Ghostscript, and TIFF goes through libtiff, which writes to stderr on bad input.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG covers MPO (phone cameras)
+FORMATS_TEXT = "JPEG, PNG, WebP, GIF or BMP"
+
+# Our limits (pixel count and aspect ratio, checked from the header before any pixel is decoded) replace
+# Pillow's process-wide bomb check, which only warns below twice its own fixed limit.
+Image.MAX_IMAGE_PIXELS = None
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -33,29 +36,36 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 @dataclass(frozen=True)
 class ImageLimits:
     max_pixels: int
+    # The resize makes the shorter side ~250 px, so a 2 x 40000 image (80k pixels, a 200-byte PNG) would
+    # become 250 x 5 million: the cost grows with the aspect ratio, which is bounded for that reason.
+    max_aspect_ratio: float = 20.0
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if not data:
         raise BadRequestError("the image is empty (0 bytes); send the file's bytes as the body or a 'file' part")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit is checked below; Pillow's global bomb warning would only duplicate it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as exc:  # Pillow's own (higher) limit fired first
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        raise PayloadTooLargeError(_too_many_pixels_msg(int(found.group(1)) if found else None, limits)) from None
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise BadRequestError(
-            "the body is not an image this service decodes; send JPEG, PNG, WebP, GIF, BMP or TIFF bytes"
-        ) from None
+        raise BadRequestError(f"the body is not an image this service decodes; send {FORMATS_TEXT} bytes") from None
+    except Exception as exc:  # a recognised format whose header is malformed
+        raise _undecodable(exc) from None
     w, h = img.size
-    if w * h > limits.max_pixels:
-        raise PayloadTooLargeError(_too_many_pixels_msg(w * h, limits, f"{w}x{h} = "))
     if w < 1 or h < 1:
         raise BadRequestError(f"the image has no pixels ({w}x{h})")
+    if w * h > limits.max_pixels:
+        raise PayloadTooLargeError(_too_many_pixels_msg(w * h, limits, f"{w}x{h} = "))
+    if max(w, h) > limits.max_aspect_ratio * min(w, h):
+        raise PayloadTooLargeError(
+            f"the image is {w}x{h}, an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1 (resizing its "
+            "shorter side would make it far larger than it is); crop it before sending"
+        )
     return img
+
+
+def _undecodable(exc: BaseException) -> BadRequestError:
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return BadRequestError(f"the image could not be decoded ({detail}); the file is truncated or corrupt")
 
 
 def _too_many_pixels_msg(pixels: int | None, limits: ImageLimits, dims: str = "") -> str:
@@ -65,11 +75,13 @@ def _too_many_pixels_msg(pixels: int | None, limits: ImageLimits, dims: str = ""
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode to 8-bit RGB, as the user sees it."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode.startswith("I;16"):
         # 16-bit grey: scale to 8 bits (Pillow's own conversion would clip everything above 255 to white).
-        arr = np.asarray(img, dtype=np.uint32)
-        bits = 16 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 8
-        img = Image.fromarray((arr >> (bits - 8)).clip(0, 255).astype(np.uint8))
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    elif img.mode == "I":
+        arr = np.asarray(img)
+        shift = 8 if arr.max(initial=0) > 255 else 0  # 32-bit container of 16-bit data, or of 8-bit data
+        img = Image.fromarray((arr >> shift).clip(0, 255).astype(np.uint8))
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -80,16 +92,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode(data: bytes, limits: ImageLimits) -> Image.Image:
     """Bytes → RGB picture, EXIF-oriented, first frame. Raises BadRequestError / PayloadTooLargeError."""
-    img = _open(data, limits)
+    img = _open(data, limits)  # positioned at the first frame of an animation
     try:
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        # Pillow reports truncation as OSError, bad chunks as ValueError/SyntaxError.
-        raise BadRequestError(f"the image could not be decoded ({exc}); the file is truncated or corrupt") from None
+    except MemoryError:
+        raise PayloadTooLargeError("the image needs more memory to decode than this server has free") from None
+    except Exception as exc:
+        # Pillow reports malformed input as OSError, ValueError, SyntaxError, EOFError, struct.error,
+        # TypeError... from deep inside its plugins: every one of them is the file's fault, not ours.
+        raise _undecodable(exc) from None
 
 
 def resize_shorter_size(width: int, height: int, shorter: int) -> tuple[int, int]:

@@ -70,18 +70,40 @@ def select_versions(versions: Sequence[int], policy: str) -> list[int]:
     return [v for v in ordered if v in arg]
 
 
-class _BatchMetrics:
-    """Adapts the batcher's observer hooks to Prometheus."""
+class _QueueDepth:
+    """``deepvit_queue_depth{model}``: the images queued for a model, over all its versions. Several versions
+    batch at once (``latest:N``, or the old one draining during a swap), each batcher reporting its own depth;
+    the series is their sum, not the last report."""
 
     def __init__(self, metrics: Metrics, model: str) -> None:
-        self._depth = metrics.queue_depth.labels(model)
+        self._gauge = metrics.queue_depth.labels(model)
+        self._depths: dict[object, int] = {}  # reporting batcher's observer -> its depth
+
+    def report(self, source: object, depth: int) -> None:
+        self._depths[source] = depth
+        self._gauge.set(sum(self._depths.values()))
+
+    def forget(self, source: object) -> None:
+        if self._depths.pop(source, None) is not None:
+            self._gauge.set(sum(self._depths.values()))
+
+
+class _BatchMetrics:
+    """Adapts one version's batcher's observer hooks to Prometheus."""
+
+    def __init__(self, metrics: Metrics, model: str, depth: _QueueDepth) -> None:
+        self._depth = depth
         self._wait = metrics.queue_wait.labels(model)
         self._inference = metrics.inference.labels(model)
         self._batch = metrics.batch_size.labels(model)
         self._images = metrics.images.labels(model)
 
     def queue_depth(self, depth: int) -> None:
-        self._depth.set(depth)
+        self._depth.report(self, depth)
+
+    def release(self) -> None:
+        """The batcher is closed: its queue no longer counts."""
+        self._depth.forget(self)
 
     def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
         for w in queue_waits:
@@ -102,6 +124,7 @@ class ModelVersion:
     warmup_s: float = 0.0
     inflight: int = field(default=0)  # requests holding a lease: unloading waits for them
     signature: Signature | None = None  # of the file this session was built from
+    observer: _BatchMetrics | None = None  # its batcher's metrics
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -122,21 +145,24 @@ class ModelManager:
         self.loading: set[tuple[str, int]] = set()
         self.unloading: dict[tuple[str, int], ModelVersion] = {}
         self.loaded = False  # the start-up load has finished
+        self._queue_depths: dict[str, _QueueDepth] = {}  # per model, shared by its versions' batchers
 
     # -- loading --------------------------------------------------------------------------------
     def _build(self, name: str, version: int, path: Path) -> ModelVersion:
         """Blocking: session, warm-up. Runs in a worker thread."""
         s = self.settings
         runtime = ModelRuntime(path, s)
+        depth = self._queue_depths.setdefault(name, _QueueDepth(self.metrics, name))
+        observer = _BatchMetrics(self.metrics, name, depth)
         batcher: Batcher[np.ndarray, Prediction] = Batcher(
             runtime.predict,
             max_batch_size=s.max_batch_size,
             max_delay_s=s.max_queue_delay_s,
             max_queue_size=s.max_queue_size,
-            observer=_BatchMetrics(self.metrics, name),
+            observer=observer,
             name=f"{name}-{version}",
         )
-        mv = ModelVersion(name, version, path, runtime, batcher)
+        mv = ModelVersion(name, version, path, runtime, batcher, observer=observer)
         if s.warmup:
             mv.warmup_s = runtime.warmup(s.max_batch_size)
         return mv
@@ -225,6 +251,8 @@ class ModelManager:
         finally:
             if self.unloading.get(key) is mv:
                 del self.unloading[key]
+            if mv.observer is not None:
+                mv.observer.release()
         # A successor under the same number already set these series; only drop what it does not share.
         successor = self.models.get(mv.name, {}).get(mv.version)
         if successor is None:

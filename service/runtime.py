@@ -32,8 +32,12 @@ class Prediction:
     batch_size: int  # size of the ONNX Runtime call this image was part of
 
 
-def warmup_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two up to the largest batch, and the largest itself: the shapes CUDA meets first."""
+def warmup_batch_sizes(max_batch_size: int, every_size: bool = False) -> list[int]:
+    """The batch shapes to run before ready. On CUDA every size the batcher can form (1..max), since cuDNN
+    picks its algorithms per shape and the first batch of a new shape is slow; on the CPU, where nothing is
+    tuned per shape, powers of two and the maximum cover the allocations."""
+    if every_size:
+        return list(range(1, max_batch_size + 1))
     sizes = [1]
     while sizes[-1] * 2 < max_batch_size:
         sizes.append(sizes[-1] * 2)
@@ -132,6 +136,6 @@ class ModelRuntime:
     def warmup(self, max_batch_size: int) -> float:
         crop = self.meta.preprocess.crop_size
         started = time.perf_counter()
-        for n in warmup_batch_sizes(max_batch_size):
+        for n in warmup_batch_sizes(max_batch_size, every_size=self.provider == "CUDAExecutionProvider"):
             self.run(np.zeros((n, crop, crop, 3), dtype=np.uint8))
         return time.perf_counter() - started

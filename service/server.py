@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from types import FrameType
 
 import uvicorn
@@ -38,7 +39,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is not None or self._loop is None:
             log.warning("second signal %s: stopping without waiting", signal.Signals(sig).name)
-            super().handle_exit(sig, frame)
+            self.exit_code = 1
+            self.force_exit = True
+            self.should_exit = True
             return
         self._loop.call_soon_threadsafe(self._start_drain, sig)
 
@@ -54,7 +57,13 @@ class DrainingServer(uvicorn.Server):
             self.ctx.inflight,
             extra={"event": "drain_started"},
         )
+        started = time.monotonic()
         clean = await self.ctx.drain(self.grace_s)
+        # uvicorn's own graceful shutdown (closing connections, the lifespan's model release) gets what is
+        # left of the grace period, not a second one.
+        remaining = self.grace_s - (time.monotonic() - started)
+        self.config.timeout_graceful_shutdown = max(1, int(remaining))
+        self.ctx.shutdown_budget_s = max(1.0, remaining)
         if clean:
             log.info("drained: every accepted request was answered", extra={"event": "drain_done"})
         else:

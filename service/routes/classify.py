@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..batcher import BatcherClosedError, BatchFailedError, DeadlineExceededError, QueueFullError
@@ -90,12 +91,27 @@ async def infer_images(ctx: AppContext, mv: ModelVersion, images: list[np.ndarra
         raise InferenceError(str(exc)) from exc
 
 
-async def preprocess_all(ctx: AppContext, mv: ModelVersion, blobs: list[tuple[str | None, bytes]]) -> list[np.ndarray]:
+def admit(ctx: AppContext, mv: ModelVersion, images: int = 1) -> None:
+    """Refuse at once, before reading and decoding anything, when the model's queue is already full."""
+    if not mv.batcher.has_capacity(images):
+        raise UnavailableError(
+            f"the queue of {mv.name} is full ({mv.batcher.depth} of {mv.batcher.max_queue_size} images waiting); "
+            "retry shortly",
+            reason="queue_full",
+        )
+
+
+async def preprocess_all(
+    ctx: AppContext, mv: ModelVersion, blobs: list[tuple[str | None, bytes]], deadline: float | None = None
+) -> list[np.ndarray]:
     loop = asyncio.get_running_loop()
     spec = mv.runtime.meta.preprocess
-    limits = ImageLimits(ctx.settings.max_image_pixels)
+    limits = ImageLimits(ctx.settings.max_image_pixels, ctx.settings.max_aspect_ratio)
 
     def one(data: bytes) -> np.ndarray:
+        if deadline is not None and time.monotonic() > deadline:  # waited too long for a decode thread
+            ctx.metrics.rejected.labels("deadline").inc()
+            raise DeadlineError("the request's deadline passed before its image was decoded; the server is overloaded")
         t0 = time.perf_counter()
         out = preprocess(data, spec, limits)
         ctx.metrics.preprocess.observe(time.perf_counter() - t0)
@@ -122,8 +138,10 @@ async def read_parts(request: Request, ctx: AppContext) -> list[tuple[str | None
         form = await request.form(max_files=limit, max_fields=limit)
     except MultiPartException as exc:
         raise BadRequestError(f"malformed multipart body: {exc.message}") from None
-    except PayloadTooLargeError:
-        raise
+    except StarletteHTTPException as exc:  # Starlette's own limits on parts
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLargeError(f"more than {limit} images in one request; send at most {limit}") from None
+        raise BadRequestError(f"malformed multipart body: {exc.detail}") from None
     blobs: list[tuple[str | None, bytes]] = []
     try:
         for key, value in form.multi_items():
@@ -134,8 +152,6 @@ async def read_parts(request: Request, ctx: AppContext) -> list[tuple[str | None
         await form.close()
     if not blobs:
         raise BadRequestError("the multipart body has no 'file' parts; send each image as a part named 'file'")
-    if len(blobs) > limit:
-        raise PayloadTooLargeError(f"{len(blobs)} images in one request; the limit is {limit}")
     return blobs
 
 
@@ -181,11 +197,13 @@ async def classify(
         n_classes = mv.runtime.meta.num_classes
         if top_k > n_classes:
             raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
+        admit(ctx, mv)
         if multipart:
             blobs = await read_parts(request, ctx)
+            admit(ctx, mv, len(blobs))
         else:
             blobs = [(None, await request.body())]
-        images = await preprocess_all(ctx, mv, blobs)
+        images = await preprocess_all(ctx, mv, blobs, started + ctx.settings.request_timeout_s)
         preds = await infer_images(ctx, mv, images, started)
     request.state.log.update(
         model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)

@@ -5,6 +5,9 @@ request of N images is N batch items). Errors are the service's error tree, so t
 as the protocol asks: ``{"error": ...}``; 400 for a shape, datatype or input-name mismatch, 404 for an unknown
 model or version, 503 for one not ready (or being unloaded). How the tensors map onto the model is in
 ``service.oip.inference``.
+
+Load and unload change what serves, and have no authentication of their own: they answer 403 unless
+``DEEPVIT_REPOSITORY_CONTROL`` allows them. The index stays readable.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ..context import AppContext, get_context
-from ..errors import BadRequestError
+from ..errors import BadRequestError, ForbiddenError
 from ..oip.codec import HEADER_LENGTH, decompress, split_body
 from ..oip.inference import (
     EXTENSIONS,
@@ -58,6 +61,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         503: "model not ready, being unloaded, queue full or draining (see Retry-After)",
         504: "deadline passed while queued",
     }.items()
+}
+_CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    403: {"model": ErrorResponse, "description": "load and unload are off (DEEPVIT_REPOSITORY_CONTROL)"},
 }
 
 
@@ -192,6 +199,14 @@ async def repository_index(request: Request, ctx: Ctx) -> list[RepositoryIndexEn
     ]
 
 
+def _require_control(ctx: AppContext) -> None:
+    if not ctx.settings.repository_control:
+        raise ForbiddenError(
+            "loading and unloading models by request is off on this server; "
+            "set DEEPVIT_REPOSITORY_CONTROL=true to allow it (and keep /v2/repository/ behind your network policy)"
+        )
+
+
 def _state(ctx: AppContext, name: str) -> RepositoryModelState:
     return RepositoryModelState(name=name, versions=[str(v) for v in sorted(ctx.models.models.get(name, {}))])
 
@@ -199,10 +214,11 @@ def _state(ctx: AppContext, name: str) -> RepositoryModelState:
 @router.post(
     "/repository/models/{name}/load",
     response_model=RepositoryModelState,
-    responses=_ERRORS,
+    responses=_CONTROL_ERRORS,
     summary="Load the model's versions the version policy selects (new or changed files, failed ones again)",
 )
 async def repository_load(request: Request, ctx: Ctx, name: str) -> RepositoryModelState:
+    _require_control(ctx)
     opts = _body_as(RepositoryLoadRequest, await request.body())
     if "config" in opts.parameters or any(k.startswith("file:") for k in opts.parameters):
         raise BadRequestError("this server loads models from its repository only: config and files are not taken")
@@ -213,10 +229,11 @@ async def repository_load(request: Request, ctx: Ctx, name: str) -> RepositoryMo
 @router.post(
     "/repository/models/{name}/unload",
     response_model=RepositoryModelState,
-    responses=_ERRORS,
+    responses=_CONTROL_ERRORS,
     summary="Unload every version of the model (queued requests finish first); polling leaves it unloaded",
 )
 async def repository_unload(request: Request, ctx: Ctx, name: str) -> RepositoryModelState:
+    _require_control(ctx)
     _body_as(RepositoryLoadRequest, await request.body())
     await ctx.repository.unload(name)
     return _state(ctx, name)

@@ -212,3 +212,47 @@ async def test_observer_sees_batches_and_queue_depth() -> None:
     assert max(seen["depths"]) == 3  # type: ignore[type-var]
     assert seen["depths"][-1] == 0
     await b.close()
+
+
+async def test_waiting_for_the_window_does_not_spin_the_event_loop() -> None:
+    b = make(FakeModel(), max_delay_s=0.05)
+    b.start()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for i in range(8):
+        await b.submit(i, deadline())
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    assert wall >= 0.35  # eight lone items, each waiting out its window
+    assert cpu < wall / 2, f"{cpu:.2f}s of CPU for {wall:.2f}s of waiting: the loop spins"
+    await b.close()
+
+
+async def test_abandoned_entries_free_their_queue_places_at_once() -> None:
+    model = FakeModel()
+    model.release.clear()
+    b = make(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=4)
+    b.start()
+    blocker = asyncio.create_task(b.submit("blocker", deadline()))
+    await asyncio.sleep(0.05)
+    late = await asyncio.gather(*(b.submit(i, deadline(0.05)) for i in range(4)), return_exceptions=True)
+    assert all(isinstance(r, DeadlineExceededError) for r in late)
+    await asyncio.sleep(0.01)
+    assert b.depth == 0
+    assert b.has_capacity(4)
+    queued = asyncio.create_task(b.submit("fits", deadline()))  # not a false "queue full"
+    model.release.set()
+    assert await queued == ("out", "fits")
+    await blocker
+    await b.close()
+
+
+async def test_a_failed_multi_item_request_leaves_no_unretrieved_exceptions(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    b = make(FakeModel(fail_on="bad"))
+    b.start()
+    with pytest.raises(BatchFailedError):
+        await b.submit_many(["a", "bad", "c"], deadline())
+    gc.collect()
+    await asyncio.sleep(0.01)
+    assert "never retrieved" not in caplog.text
+    await b.close()

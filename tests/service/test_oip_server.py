@@ -35,7 +35,8 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = artifact.parents[2]
-    with running_server(repo, tmp_path_factory.mktemp("logs") / "server.log", {"DEEPVIT_MAX_QUEUE_DELAY_MS": "1"}) as s:
+    env = {"DEEPVIT_MAX_QUEUE_DELAY_MS": "1", "DEEPVIT_REPOSITORY_CONTROL": "true"}
+    with running_server(repo, tmp_path_factory.mktemp("logs") / "server.log", env) as s:
         yield s
 
 

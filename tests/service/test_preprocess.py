@@ -94,7 +94,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped_to_white() -> None:
 
 def test_palette_with_transparency_and_webp_and_gif_and_bmp_and_tiff() -> None:
     base = gradient(300, 200)
-    for fmt in ("WEBP", "GIF", "BMP", "TIFF"):
+    for fmt in ("WEBP", "GIF", "BMP"):
         data = encode(base, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
         np.testing.assert_array_equal(preprocess(data, SPEC, LIMITS), reference(Image.open(io.BytesIO(data))))
     p = base.convert("P")
@@ -179,3 +179,53 @@ def test_a_truncated_jpeg_is_a_bad_request_not_a_half_grey_picture() -> None:
     data = PHOTOS[0].read_bytes()
     with pytest.raises(BadRequestError, match="truncated or corrupt"):
         decode(data[: len(data) // 2], LIMITS)
+
+
+def test_tiff_is_not_among_the_formats_decoded() -> None:
+    with pytest.raises(BadRequestError, match="not an image"):
+        decode(encode(gradient(64, 64), "TIFF"), LIMITS)
+
+
+def test_a_thin_image_is_refused_before_the_resize_makes_it_huge() -> None:
+    # 2 x 40000 is only 80,000 pixels and a 200-byte PNG, but resized to a shorter side of 248 it would be
+    # 248 x 4,960,000: seconds of CPU and gigabytes. Its aspect ratio gives it away in the header.
+    data = encode(Image.new("L", (2, 40000)), "PNG")
+    assert len(data) < 1000
+    with pytest.raises(PayloadTooLargeError, match="aspect ratio"):
+        decode(data, LIMITS)
+    decode(encode(Image.new("L", (100, 2000)), "PNG"), LIMITS)  # 20:1 is still fine
+
+
+def _malformed_bmp() -> bytes:
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "BMP"))
+    data[30:34] = struct.pack("<I", 77)  # biCompression: no such method
+    return bytes(data)
+
+
+def _png_with_text_bomb() -> bytes:
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    text = _chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"a" * 2_000_000))  # 2 kB that inflates to 2 MB
+    return png[:33] + text + png[33:]
+
+
+def _jpeg_with_broken_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate on display, so the EXIF is parsed
+    exif[0x010F] = "Maker"
+    data = bytearray(encode(Image.new("RGB", (48, 40)), "JPEG", exif=exif))
+    i = data.find(b"\x01\x0f\x00\x02")  # the Make tag (ASCII), big-endian...
+    if i >= 0:
+        data[i : i + 2] = b"\x01\x00"  # ... renamed ImageWidth, which must be a number
+    else:
+        i = data.find(b"\x0f\x01\x02\x00")  # ... or little-endian
+        data[i : i + 2] = b"\x00\x01"
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "make", [_malformed_bmp, _png_with_text_bomb, _jpeg_with_broken_exif], ids=lambda f: f.__name__.strip("_")
+)
+def test_malformed_files_are_bad_requests_whatever_pillow_raises(make: object) -> None:
+    assert callable(make)
+    with pytest.raises(BadRequestError, match="could not be decoded"):
+        decode(make(), LIMITS)

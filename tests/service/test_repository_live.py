@@ -28,7 +28,8 @@ from serving import DATA, Server, export_tiny, metric_samples, running_server
 from tritonclient.utils import InferenceServerException
 
 from service.config import Settings
-from service.errors import ArtifactError, BadRequestError, NotFoundError
+from service.context import AppContext
+from service.errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
 from service.live_repository import LiveRepository, plan_loads, plan_unloads
 from service.metrics import Metrics
 from service.repository import ModelManager, ModelVersion, artifact_signature
@@ -244,6 +245,57 @@ def test_an_unloaded_model_stays_unloaded_until_loaded(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_draining_stops_polling_and_loads(tmp_path: Path) -> None:
+    """``AppContext.drain`` (what SIGTERM starts) stops the poller: no new build holds up the exit."""
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+
+    async def scenario() -> None:
+        ctx = AppContext(
+            settings=manager.settings,
+            metrics=Metrics(),
+            models=manager,  # type: ignore[arg-type]
+            decode_pool=None,  # type: ignore[arg-type]
+            repository=repo,
+        )
+        poller = asyncio.create_task(repo.poll_forever(0.01))
+        while served(manager) != {"m": [1]}:
+            await asyncio.sleep(0.01)
+        assert await ctx.drain(0)
+        write(tmp_path, "m", 2)
+        write(tmp_path, "other", 1)
+        await asyncio.wait_for(poller, 1)  # it ends by itself
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"m": [1]}
+        with pytest.raises(UnavailableError, match="shutting down"):
+            await repo.load("other")
+        assert served(manager) == {"m": [1]}
+
+    asyncio.run(scenario())
+
+
+def test_a_poll_under_way_when_draining_begins_loads_nothing_more(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "a", 1)
+    write(tmp_path, "b", 1)
+    load_version = manager.load_version
+
+    async def load_then_drain(name: str, version: int, path: Path) -> SimpleNamespace:
+        mv = await load_version(name, version, path)
+        repo.stop()  # SIGTERM while the poll is busy with "a"
+        return mv
+
+    manager.load_version = load_then_drain  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"a": [1]}
+
+    asyncio.run(scenario())
+
+
 # -- a real server under load -------------------------------------------------------------------------
 POLL_S = 0.2
 MODELS = ("swap", "changed", "corrupt", "gone")
@@ -261,7 +313,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"DEEPVIT_REPOSITORY_POLL_S": str(POLL_S), "DEEPVIT_MAX_QUEUE_DELAY_MS": "2", "DEEPVIT_MAX_BATCH_SIZE": "16"}
+    env = {
+        "DEEPVIT_REPOSITORY_POLL_S": str(POLL_S),
+        "DEEPVIT_REPOSITORY_CONTROL": "true",
+        "DEEPVIT_MAX_QUEUE_DELAY_MS": "2",
+        "DEEPVIT_MAX_BATCH_SIZE": "16",
+    }
     with running_server(repo, tmp_path_factory.mktemp("logs") / "server.log", env) as s:
         yield s
 
@@ -419,6 +476,45 @@ def test_a_swap_lets_requests_on_the_old_session_finish_there_then_releases_it(r
         await asyncio.sleep(0.1)  # let the loop drop its last callbacks
         gc.collect()
         assert session() is None
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_queue_depth_is_the_sum_over_the_versions_of_a_model(repo: Path) -> None:
+    """Two versions batch at once (latest:2 here; a swap's old and new sessions alike): deepvit_queue_depth{model}
+    counts the images queued in both, and a version unloaded stops counting without hiding the other's."""
+    artifact = repo / "swap" / "1" / "model.onnx"
+    image = np.zeros((64, 64, 3), np.uint8)
+
+    async def scenario() -> None:
+        settings = Settings(
+            model_repository=repo, providers=["cpu"], max_batch_size=8, max_queue_delay_ms=500, warmup=False
+        )
+        metrics = Metrics()
+        manager = ModelManager(settings, metrics)
+        v1 = await manager.load_version("swap", 1, artifact)
+        v2 = await manager.load_version("swap", 2, artifact)
+        manager.loaded = True
+
+        def depth() -> float | None:
+            return metrics.registry.get_sample_value("deepvit_queue_depth", {"model": "swap"})
+
+        deadline = time.monotonic() + 10
+        first = asyncio.create_task(v1.batcher.submit_many([image] * 3, deadline))
+        second = asyncio.create_task(v2.batcher.submit_many([image] * 2, deadline))
+        await asyncio.sleep(0.05)  # both queued, waiting for their batch windows
+        assert depth() == 5
+        await asyncio.gather(first, second)
+        assert depth() == 0
+
+        waiting = asyncio.create_task(v2.batcher.submit_many([image] * 2, time.monotonic() + 10))
+        await asyncio.sleep(0.05)
+        assert depth() == 2
+        await manager.unload_version(v1)
+        assert depth() == 2  # v1's last word does not hide v2's queue
+        await waiting
+        assert depth() == 0
         await manager.close()
 
     asyncio.run(scenario())

@@ -247,6 +247,7 @@ def test_a_body_over_the_limit_without_content_length_is_413(server: Server) -> 
         r = c.post("/classify", content=chunks(), headers={"content-type": JPEG})
     assert r.status_code == 413
     assert "limit" in r.json()["error"]
+    assert r.headers["connection"] == "close"  # the rest of the body is not read: the connection goes
 
 
 def test_unknown_route_and_method_are_json(server: Server) -> None:
@@ -323,7 +324,8 @@ def test_promtool_accepts_the_metrics(server: Server, tmp_path: Path) -> None:
 
 def test_readyz_is_503_until_models_are_warmed_then_200(repo: Path, tmp_path: Path) -> None:
     # A large warm-up (batch sizes up to 512) makes the loading window long enough to see.
-    server = start_server(repo, tmp_path / "log", {"DEEPVIT_MAX_BATCH_SIZE": "512"}, wait_ready=False)
+    env = {"DEEPVIT_MAX_BATCH_SIZE": "512", "DEEPVIT_MAX_QUEUE_SIZE": "512"}
+    server = start_server(repo, tmp_path / "log", env, wait_ready=False)
     try:
         seen = []
         end = time.monotonic() + 120

@@ -1,0 +1,51 @@
+"""Load and unload of the repository extension change what serves and have no authentication of their own: they
+are off (403) unless ``DEEPVIT_REPOSITORY_CONTROL`` turns them on, while the index stays readable. In process,
+on an app whose models never load: the answers come before any model is touched."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+
+
+def post(settings: Settings, paths: list[str]) -> list[httpx.Response]:
+    app = create_app(settings)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.post(p) for p in paths]
+
+    try:
+        return asyncio.run(run())
+    finally:
+        app.state.ctx.decode_pool.shutdown()
+
+
+def test_load_and_unload_are_forbidden_by_default_and_the_index_stays_readable(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, providers=["cpu"])
+    assert settings.repository_control is False
+    load, unload, index = post(
+        settings, ["/v2/repository/models/m/load", "/v2/repository/models/m/unload", "/v2/repository/index"]
+    )
+    for r in (load, unload):
+        assert r.status_code == 403
+        assert r.headers["content-type"] == "application/json"
+        assert "DEEPVIT_REPOSITORY_CONTROL" in r.json()["error"]
+    assert index.status_code == 200
+    assert index.json() == []
+
+
+def test_the_setting_turns_them_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPVIT_REPOSITORY_CONTROL", "true")
+    settings = Settings(model_repository=tmp_path, providers=["cpu"])
+    assert settings.repository_control is True
+    load, unload = post(settings, ["/v2/repository/models/m/load", "/v2/repository/models/m/unload"])
+    assert (load.status_code, unload.status_code) == (404, 404)  # past the gate: an unknown model
+    assert "'m'" in load.json()["error"]
