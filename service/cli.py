@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     p.add_argument("--output", type=Path, default=Path("bench/results"), help="writes <output>/<model>.md")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--min-time", type=float, default=3.0, help="seconds per in-process measurement")
     p.set_defaults(handler=_bench)
 
@@ -82,7 +82,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.output,
         concurrencies=args.concurrency,
         batch_sizes=args.batch_sizes,
-        requests_per_level=args.requests,
+        duration_s=args.duration,
         min_time_s=args.min_time,
     )
     print(table)

@@ -1,0 +1,37 @@
+"""`deepvit bench` keeps working: one short run on the tiny model writes the table with every layer.
+(Speed itself is never asserted: the figures belong in the benchmark's table, not in a test.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serving import DATA, ROOT, export_tiny
+
+
+def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
+    if shutil.which("hey") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("hey is missing in CI: install Debian's hey package")
+        pytest.skip("hey not installed (apt-get install hey)")
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--model-repository", str(repo), "--output", str(out)]
+    cmd += ["--photos", str(DATA / "photos"), "--concurrency", "1", "4", "--batch-sizes", "1", "4"]
+    cmd += ["--duration", "1", "--min-time", "0.2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny.md").read_text()
+    for row in ("| onnxruntime | batch 1 |", "| onnxruntime | batch 4 |", "| in-process pipeline |"):
+        assert row in table
+    assert "| HTTP service | hey, concurrency 1 |" in table
+    assert "| HTTP service | hey, concurrency 4 |" in table
+    assert "HTTP throughput / in-process pipeline" in table
+    http_rows = [line for line in table.splitlines() if line.startswith("| HTTP service")]
+    assert all(line.endswith("| 0 |") for line in http_rows), "requests failed under the benchmark"
+    assert not list(out.glob(".bench-*")), "the server log was left behind"
