@@ -67,6 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    import logging
+    import os
+
+    from .config import unknown_environment
+
+    for problem in unknown_environment(os.environ):
+        logging.getLogger("deepvit.config").warning("%s; it is ignored", problem, extra={"event": "unknown_setting"})
     from .server import run
 
     return run(settings)

@@ -3,6 +3,8 @@ passed down. Nothing reads the environment at import time."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -138,3 +140,14 @@ def parse_version_policy(policy: str) -> tuple[str, int | tuple[int, ...] | None
     except ValueError:
         pass
     raise ValueError(f"version policy {policy!r}: use latest:N, all, or specific:1,3")
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """``DEEPVIT_*`` variables that are no setting (a typo is otherwise silently ignored), with the closest
+    setting's name when one is close."""
+    known = {f"DEEPVIT_{name.upper()}" for name in Settings.model_fields}
+    out = []
+    for var in sorted(v for v in environ if v.upper().startswith("DEEPVIT_") and v.upper() not in known):
+        close = difflib.get_close_matches(var.upper(), known, n=1, cutoff=0.85)
+        out.append(f"{var} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
