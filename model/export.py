@@ -80,7 +80,7 @@ class ArtifactInfo:
             "deepvit.precision": self.precision,
             "deepvit.parity": json.dumps(parity.to_dict()),
             "deepvit.versions": json.dumps(tool_versions()),
-            "deepvit.exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "deepvit.exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
 
 
