@@ -114,11 +114,14 @@ class Batcher(Generic[T, R]):
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
-    async def close(self, drain: bool = True) -> None:
-        """Stop taking items; with ``drain`` finish every queued and computing batch first."""
+    async def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking items; with ``drain`` finish every queued and computing batch first (for at most
+        ``timeout`` seconds: what is still queued then fails with ``BatcherClosedError``)."""
         self._closed = True
         if drain:
-            while self._queue or self._computing:
+            loop = asyncio.get_running_loop()
+            end = None if timeout is None else loop.time() + timeout
+            while (self._queue or self._computing) and (end is None or loop.time() < end):
                 self._wakeup.set()
                 await asyncio.sleep(0.005)
         if self._task is not None:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
 
     # Input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body")
+    max_json_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="largest JSON of a /v2 inference request, decompressed (JSON tensors)"
+    )
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
     max_aspect_ratio: float = Field(
         20.0, ge=1, description="largest long side / short side of one image (the resize cost grows with it)"

@@ -27,6 +27,8 @@ class AppContext:
     last_arrival: float = field(default_factory=time.monotonic)  # of a request other than a probe
     startup_error: str | None = None
     shutdown_budget_s: float = 30.0  # what the drain left of the grace period for releasing models
+    # /v2 inference requests decompressed and decoded at once (in decode_pool): bounds their memory
+    v2_decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     async def drain(self, grace_s: float, quiet_s: float = 1.0) -> bool:
         """Refuse new work and wait for accepted requests to be answered, then for ``quiet_s`` without new

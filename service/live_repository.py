@@ -200,16 +200,27 @@ class LiveRepository:
                 log.exception("polling the model repository failed; trying again in %gs", interval_s)
 
     # -- the repository extension ---------------------------------------------------------------
+    def _require_started(self) -> None:
+        """Load and unload wait for the start-up load (which runs outside the lock) to finish."""
+        if not self.manager.loaded:
+            raise UnavailableError("models are still loading at start-up; retry shortly", reason="not_ready")
+
     async def load(self, name: str) -> None:
         """Load (or reload what changed of) a model's wanted versions now, failed files included."""
+        self._require_started()
         async with self._lock:
             if self.stopped:
                 raise _draining()
-            self.held.discard(name)
+            root = self.settings.model_repository
+            if not await asyncio.to_thread(root.is_dir):  # unmounted: not "the model is gone"
+                raise UnavailableError(
+                    "the model repository is not readable now; nothing was changed", reason="not_ready"
+                )
             found = (await self.scan()).get(name, {})
+            if not found:  # nothing changes: what serves keeps serving (polling or an unload removes it)
+                raise NotFoundError(f"model {name!r} is not in the repository (no {name}/<version>/model.onnx)")
+            self.held.discard(name)
             problems = await self._sync_model(name, found, settled=None, retry_failed=True)
-        if not found:
-            raise NotFoundError(f"model {name!r} is not in the repository (no {name}/<version>/model.onnx)")
         if problems:
             serving = sorted(self.manager.models.get(name, {}))
             still = f"; serving versions {', '.join(map(str, serving))}" if serving else "; nothing of it serves"
@@ -221,6 +232,7 @@ class LiveRepository:
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model (each drained first) and keep it unloaded until a load."""
+        self._require_started()
         async with self._lock:
             served = list(self.manager.models.get(name, {}).values())
             if not served and name not in (await self.scan()):

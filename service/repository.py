@@ -3,9 +3,11 @@
 ``ModelManager`` owns the served model versions: each has an ONNX Runtime session and its own batcher.
 Loading and warm-up run off the event loop; a version takes traffic only once warmed.
 
-Swaps cost no request: a request holds a ``lease`` on the version it resolved until its answer is in, and
+Swaps cost no request: a request holds a lease (``lease_for``) on the version it was decoded for from submission
+until its answer is in (not while its body uploads, so a slow client holds up no swap), and
 unloading (an explicit unload, a newer version, a changed file) first takes the version out of the lookup,
-then waits for the leases, lets the queued batches finish (``Batcher.close(drain=True)``) and only then
+then waits for the leases, lets the queued batches finish (``Batcher.close(drain=True)``, bounded by the request
+timeout: what is left then gets 503) and only then
 releases the session. A version replaced by a reload of the same number is swapped in one step.
 """
 
@@ -32,6 +34,7 @@ log = logging.getLogger("deepvit.repository")
 
 ARTIFACT_NAME = "model.onnx"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
 
 State = Literal["loading", "ready", "unloading", "failed"]
 Signature = tuple[int, int]  # (mtime_ns, size) of model.onnx: what tells a changed file
@@ -50,11 +53,19 @@ def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
     for model_dir in sorted(root.iterdir()):
         if not model_dir.is_dir() or not _NAME_RE.match(model_dir.name):
             continue
-        for version_dir in model_dir.iterdir():
-            if version_dir.name.isdigit() and int(version_dir.name) > 0:
-                artifact = version_dir / ARTIFACT_NAME
-                if artifact.is_file():
-                    found.setdefault(model_dir.name, {})[int(version_dir.name)] = artifact
+        try:
+            version_dirs = list(model_dir.iterdir())
+        except OSError as exc:  # removed (or made unreadable) since the listing
+            log.warning("skipping %s: %s", model_dir, exc)
+            continue
+        for version_dir in version_dirs:
+            if not _VERSION_RE.fullmatch(version_dir.name):
+                if version_dir.is_dir():
+                    log.warning("skipping %s: a version is a positive integer (1, 2, ...)", version_dir)
+                continue
+            artifact = version_dir / ARTIFACT_NAME
+            if artifact.is_file():
+                found.setdefault(model_dir.name, {})[int(version_dir.name)] = artifact
     return found
 
 
@@ -129,6 +140,12 @@ class ModelVersion:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.runtime.meta.labels
+
+
+def _input_of(mv: ModelVersion) -> tuple[object, ...]:
+    """What a decoded request depends on: two versions equal in this take the same tensors and images."""
+    rt = mv.runtime
+    return rt.input_name, str(rt.session.get_outputs()[0].name), rt.meta.preprocess, rt.meta.num_classes, rt.meta.labels
 
 
 def _info_labels(mv: ModelVersion) -> tuple[str, str, str, str, str]:
@@ -243,11 +260,12 @@ class ModelManager:
             self.models.pop(mv.name, None)
         try:
             loop = asyncio.get_running_loop()
-            # A lease is held from lookup to answer; a request's deadline bounds it, except a slow upload.
+            # A lease is held around the inference only (not while a body uploads); its deadline bounds it.
             end = loop.time() + self.settings.request_timeout_s
             while mv.inflight > 0 and loop.time() < end:
                 await asyncio.sleep(0.005)
-            await mv.batcher.close(drain=True)
+            # Queued batches get the same bound; what is still queued after it is answered 503.
+            await mv.batcher.close(drain=True, timeout=self.settings.request_timeout_s)
         finally:
             if self.unloading.get(key) is mv:
                 del self.unloading[key]
@@ -297,6 +315,24 @@ class ModelManager:
             yield mv
         finally:
             mv.inflight -= 1
+
+    @contextlib.contextmanager
+    def lease_for(self, mv: ModelVersion, name: str | None, version: int | None) -> Iterator[ModelVersion]:
+        """Hold, for the inference itself, the version a request was read and decoded for (resolved without a
+        lease, so that a slow upload holds up no swap); if it was replaced meanwhile, what ``(name, version)``
+        resolves to now, provided it takes the same input; else 503."""
+        current = mv if mv.state == "ready" else self.resolve(name, version)
+        if current is not mv and _input_of(current) != _input_of(mv):
+            raise UnavailableError(
+                f"model {mv.name} version {mv.version} was replaced by one taking other input while the request "
+                "was read; retry",
+                reason="unloading",
+            )
+        current.inflight += 1
+        try:
+            yield current
+        finally:
+            current.inflight -= 1
 
     def resolve(self, name: str | None, version: int | None) -> ModelVersion:
         if not self.loaded:

@@ -67,6 +67,8 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise PayloadTooLargeError(f"the body decompresses to over {limit:,} bytes, the limit")
     if not inflater.eof:
         raise BadRequestError(f"the {encoding} body is truncated")
+    if inflater.unused_data:
+        raise BadRequestError(f"{len(inflater.unused_data)} bytes follow the end of the {encoding} stream")
     return out
 
 
@@ -114,11 +116,14 @@ def serialize_bytes_tensor(items: Iterable[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(item)) + item for item in items)
 
 
-def deserialize_bytes_tensor(buf: bytes | memoryview, name: str = "tensor") -> list[bytes]:
+def deserialize_bytes_tensor(buf: bytes | memoryview, name: str = "tensor", expected: int | None = None) -> list[bytes]:
+    """The elements of a serialized BYTES tensor; with ``expected``, a 400 as soon as there are more."""
     view = memoryview(buf)
     out: list[bytes] = []
     i = 0
     while i < len(view):
+        if expected is not None and len(out) >= expected:
+            raise BadRequestError(f"BYTES input {name!r} holds more than the {expected} elements its shape declares")
         if i + 4 > len(view):
             raise BadRequestError(f"BYTES input {name!r}: {len(view) - i} stray bytes where a 4-byte length belongs")
         (n,) = _LENGTH.unpack_from(view, i)
@@ -139,8 +144,10 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _bytes_from_json(name: str, data: Any, encoding: Literal["utf-8", "base64"]) -> list[bytes]:
+def _bytes_from_json(name: str, data: Any, encoding: Literal["utf-8", "base64"], count: int) -> list[bytes]:
     items = _flatten(data)
+    if len(items) != count:  # before decoding any of them
+        raise BadRequestError(f"input {name!r} has {len(items)} elements; its shape needs {count}")
     if not all(isinstance(s, str) for s in items):
         raise BadRequestError(f"BYTES input {name!r}: JSON data must be strings")
     if encoding == "utf-8":
@@ -166,11 +173,11 @@ def decode_tensor(
     """One input tensor, from its JSON ``data`` or its binary chunk; checked against its declared shape."""
     count = element_count(shape)
     if datatype == "BYTES":
-        items = deserialize_bytes_tensor(binary, name) if binary is not None else None
+        items = deserialize_bytes_tensor(binary, name, count) if binary is not None else None
         if items is None:
             if data is None:
                 raise BadRequestError(f"input {name!r} has neither data nor a binary_data_size")
-            items = _bytes_from_json(name, data, json_bytes)
+            items = _bytes_from_json(name, data, json_bytes, count)
         if len(items) != count:
             raise BadRequestError(f"input {name!r} has {len(items)} elements; its shape {list(shape)} needs {count}")
         return items
@@ -190,6 +197,10 @@ def decode_tensor(
 
 
 def _array_from_json(name: str, datatype: str, dtype: np.dtype[Any], shape: Sequence[int], data: Any) -> np.ndarray:
+    count = element_count(shape)
+    if isinstance(data, list) and data and not isinstance(data[0], list) and len(data) != count:
+        # a flat list of the wrong length: refused before numpy copies it
+        raise BadRequestError(f"input {name!r} has {len(data)} elements; its shape {list(shape)} needs {count}")
     try:
         arr = np.asarray(data)
     except ValueError:  # ragged nesting

@@ -4,13 +4,18 @@ The model has one input, the artifact's ``UINT8 [N, crop, crop, 3]`` RGB tensor,
 ``FP32 [N, classes]``. The input also takes ``BYTES [N]`` (or ``[N, 1]``): encoded images (JPEG, PNG, ...),
 decoded and preprocessed exactly as ``/classify`` does, so that a client without the artifact's preprocessing
 can still call it; in JSON each such element is base64. An output asked for with the parameter
-``classification: k`` is answered as ``BYTES [N, k]`` strings ``"score:index:label"``: the top k classes by
-softmax probability (the score ``/classify`` reports; Triton would put the raw output value there), highest
-first.
+``classification: k`` is answered as ``BYTES [N, k]`` strings ``"score:index:label"``: the top k classes,
+highest first, the score being the raw output value (the logit, as Triton does) written with every digit it
+has; with the output parameter ``classification_score: "probability"`` it is the softmax probability that
+``/classify`` reports instead.
+
+``decode_request`` does everything from the raw body to the images (decompressing, parsing, decoding) and
+blocks: the endpoint runs it in the decode pool, a few at a time.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +23,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import BadRequestError, PayloadTooLargeError
-from ..postprocess import top_k
+from ..postprocess import softmax
+from ..preprocess import FORMATS_TEXT
 from ..repository import ModelVersion
-from .codec import BinaryData, decode_tensor, encode_response, encode_tensor
+from .codec import BinaryData, decode_tensor, decompress, encode_response, encode_tensor, split_body
 from .schemas import InferenceRequest, ModelMetadata, Parameters, RequestInput, TensorMetadata
 
 PLATFORM = "onnxruntime_onnx"
@@ -64,6 +70,60 @@ class WantedOutput:
     name: str
     classification: int  # top-k as "score:index:label"; 0: the logits themselves
     binary: bool
+    probability: bool = False  # the classification's score: softmax probability rather than the logit
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int  # decompressed, binary tensor data included
+    max_json_body_bytes: int  # decompressed JSON (where JSON tensors are): parsing it costs many times its size
+    max_images: int
+
+
+@dataclass(frozen=True)
+class Decoded:
+    request: InferenceRequest
+    outputs: list[WantedOutput]
+    images: Images
+
+    @property
+    def count(self) -> int:
+        images = self.images.encoded if self.images.encoded is not None else self.images.pixels
+        assert images is not None
+        return len(images)
+
+
+_SHAPE_KEY = re.compile(rb'"shape"\s*:\s*\[\s*([0-9]+)')
+
+
+def _precheck_batch(head: bytes, max_images: int) -> None:
+    """A 413 for a declared batch over the limit before the JSON (data and all) is parsed, when the header
+    declares one shape only (anything less plain is left to the parser)."""
+    found = _SHAPE_KEY.findall(head)
+    if len(found) == 1 and (len(found[0]) > 18 or int(found[0]) > max_images):
+        n = found[0].decode() if len(found[0]) <= 18 else f"{found[0][:18].decode()}..."
+        raise PayloadTooLargeError(f"{n} images in one request; the limit is {max_images}")
+
+
+def decode_request(
+    body: bytes, content_encoding: str | None, header_length: str | None, io: ModelIO, limits: Limits
+) -> Decoded:
+    """The raw body to a checked request: decompressed, parsed, its input decoded. Blocking (CPU and memory
+    in proportion to the body): run it off the event loop. Without binary tensors the whole body is JSON,
+    held to the smaller ``max_json_body_bytes``; a declared batch over the limit is refused before parsing."""
+    json_only = header_length is None
+    body = decompress(body, content_encoding, limits.max_json_body_bytes if json_only else limits.max_body_bytes)
+    head, binary = split_body(body, header_length)
+    if len(head) > limits.max_json_body_bytes:
+        raise PayloadTooLargeError(
+            f"the request's JSON is {len(head):,} bytes, over the {limits.max_json_body_bytes:,} limit; "
+            "send large tensors as binary data (the binary tensor data extension)"
+        )
+    _precheck_batch(head, limits.max_images)
+    req = parse_request(head)
+    outputs = wanted_outputs(req, io)
+    images = read_images(req, binary, io, limits.max_images)
+    return Decoded(req, outputs, images)
 
 
 def parse_request(head: bytes) -> InferenceRequest:
@@ -139,15 +199,24 @@ def wanted_outputs(req: InferenceRequest, io: ModelIO) -> list[WantedOutput]:
         if not 0 <= k <= io.num_classes:
             raise BadRequestError(f"{where}: classification {k} must be between 1 and the {io.num_classes} classes")
         binary = _param(o.parameters, "binary_data", bool, where)
-        out.append(WantedOutput(o.name, k, binary_default if binary is None else binary))
+        score = o.parameters.get("classification_score", "logit")
+        if score not in ("logit", "probability"):
+            raise BadRequestError(f"{where}: classification_score must be 'logit' or 'probability'")
+        out.append(WantedOutput(o.name, k, binary_default if binary is None else binary, score == "probability"))
     if len({o.name for o in out}) != len(out):
         raise BadRequestError(f"output {io.output_name!r} is asked for twice")
     return out
 
 
-def classification(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> list[bytes]:
-    """Row-major ``[N, k]`` elements ``"score:index:label"``, the score being the softmax probability."""
-    return [f"{s['score']:.6g}:{s['class_id']}:{s['label']}".encode() for row in logits for s in top_k(row, k, labels)]
+def classification(logits: np.ndarray, k: int, labels: tuple[str, ...], probability: bool = False) -> list[bytes]:
+    """Row-major ``[N, k]`` elements ``"score:index:label"``, highest first (ties in class order), the score
+    being the raw logit (or the softmax probability), written so that it reads back exactly."""
+    scores = softmax(logits) if probability else np.asarray(logits)
+    out = []
+    for row in scores:
+        for i in np.argsort(-row, kind="stable")[:k]:
+            out.append(f"{float(row[i])!r}:{int(i)}:{labels[i]}".encode())
+    return out
 
 
 def encode_answer(
@@ -159,7 +228,7 @@ def encode_answer(
     n = len(logits)
     for o in outputs:
         if o.classification:
-            strings = classification(logits, o.classification, io.labels)
+            strings = classification(logits, o.classification, io.labels, o.probability)
             desc, raw = encode_tensor(o.name, "BYTES", [n, o.classification], strings, binary=o.binary)
         else:
             desc, raw = encode_tensor(o.name, "FP32", [n, io.num_classes], logits, binary=o.binary)
@@ -183,15 +252,18 @@ def model_metadata(mv: ModelVersion, versions: list[int]) -> ModelMetadata:
         outputs=[TensorMetadata(name=io.output_name, datatype="FP32", shape=[-1, io.num_classes])],
         parameters={
             "version": str(mv.version),
-            "encoded_image_input": f"{io.input_name!r} also takes BYTES [-1]: encoded images (JPEG, PNG, WebP, "
-            "GIF, BMP, TIFF), preprocessed by the server as /classify does; base64 in JSON",
+            "encoded_image_input": f"{io.input_name!r} also takes BYTES [-1]: encoded images ({FORMATS_TEXT}), "
+            "preprocessed by the server as /classify does; base64 in JSON",
             "classification": "output parameter classification: k answers BYTES [-1, k] 'score:index:label', "
-            "score being the softmax probability",
+            "score being the logit (classification_score: 'probability' for the softmax probability)",
             "num_classes": meta.num_classes,
             "weights": meta.weights,
             "untrained": meta.untrained,
             "precision": meta.precision,
             "provider": mv.runtime.provider,
-            "preprocessing": meta.to_public_dict()["preprocessing"],
+            **{
+                f"preprocessing_{key}": ",".join(map(str, value)) if isinstance(value, list) else value
+                for key, value in meta.to_public_dict()["preprocessing"].items()
+            },
         },
     )

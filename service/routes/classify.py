@@ -192,18 +192,21 @@ async def classify(
             f"content type {media or '(none)'!r} is not supported; send the image bytes with Content-Type "
             "image/jpeg (or image/png, application/octet-stream), or multipart/form-data with 'file' parts"
         )
-    # The lease keeps this version serving until the answer is in, even if a newer one replaces it meanwhile.
-    with ctx.models.lease(model, version) as mv:
-        n_classes = mv.runtime.meta.num_classes
-        if top_k > n_classes:
-            raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
-        admit(ctx, mv)
-        if multipart:
-            blobs = await read_parts(request, ctx)
+    # Resolved without a lease while the body uploads and decodes (a slow upload holds up no swap); the lease
+    # keeps the version serving from submission until the answer is in, even if a newer one replaces it.
+    mv = ctx.models.resolve(model, version)
+    n_classes = mv.runtime.meta.num_classes
+    if top_k > n_classes:
+        raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
+    admit(ctx, mv)
+    if multipart:
+        blobs = await read_parts(request, ctx)
+        if mv.state == "ready":  # else replaced meanwhile: the successor's batcher answers at submission
             admit(ctx, mv, len(blobs))
-        else:
-            blobs = [(None, await request.body())]
-        images = await preprocess_all(ctx, mv, blobs, started + ctx.settings.request_timeout_s)
+    else:
+        blobs = [(None, await request.body())]
+    images = await preprocess_all(ctx, mv, blobs, started + ctx.settings.request_timeout_s)
+    with ctx.models.lease_for(mv, model, version) as mv:
         preds = await infer_images(ctx, mv, images, started)
     request.state.log.update(
         model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)

@@ -12,6 +12,8 @@ Load and unload change what serves, and have no authentication of their own: the
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from typing import Annotated, Any, TypeVar
 
@@ -22,16 +24,9 @@ from pydantic import BaseModel, ValidationError
 
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, ForbiddenError
-from ..oip.codec import HEADER_LENGTH, decompress, split_body
-from ..oip.inference import (
-    EXTENSIONS,
-    ModelIO,
-    encode_answer,
-    model_metadata,
-    parse_request,
-    read_images,
-    wanted_outputs,
-)
+from ..errors import DeadlineExceededError as DeadlineError
+from ..oip.codec import HEADER_LENGTH
+from ..oip.inference import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
 from ..oip.schemas import (
     InferenceResponse,
     ModelMetadata,
@@ -43,7 +38,7 @@ from ..oip.schemas import (
     ServerLive,
     ServerMetadata,
 )
-from .classify import ErrorResponse, infer_images, preprocess_all
+from .classify import ErrorResponse, admit, infer_images, preprocess_all
 from .health import readyz
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
@@ -91,7 +86,26 @@ async def server_live() -> ServerLive:
 
 @router.get("/health/ready", summary="200 when every model is loaded and warmed and the server is not draining")
 async def server_ready(ctx: Ctx) -> JSONResponse:
-    return await readyz(ctx)
+    """The protocol's ``{"ready": bool}`` (clients read that key), with /readyz's details alongside. With
+    repository control on, no model loaded is ready too (Triton's explicit mode): models come by request."""
+    answer = await readyz(ctx)
+    body: dict[str, Any] = json.loads(bytes(answer.body))
+    m = ctx.models
+    explicit = (
+        ctx.settings.repository_control
+        and m.loaded
+        and not m.models
+        and not ctx.draining
+        and not ctx.startup_error
+        and not m.loading
+    )
+    if explicit:
+        return JSONResponse({"ready": True, "status": "ready", "models": []})
+    return JSONResponse(
+        {"ready": answer.status_code == 200, **body},
+        status_code=answer.status_code,
+        headers={k: v for k, v in answer.headers.items() if k.lower() == "retry-after"},
+    )
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -152,24 +166,37 @@ _INFER_DOC: dict[str, Any] = {
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
     started = time.monotonic()
-    with ctx.models.lease(name, version) as mv:  # held until the answer is in: a swap waits for it
-        io = ModelIO.of(mv)
-        body = decompress(await request.body(), request.headers.get("content-encoding"), ctx.settings.max_body_bytes)
-        head, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        req = parse_request(head)
-        outputs = wanted_outputs(req, io)
-        images = read_images(req, binary, io, ctx.settings.max_images_per_request)
-        if images.encoded is not None:
-            blobs: list[tuple[str | None, bytes]] = [(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)]
-            pixels = await preprocess_all(ctx, mv, blobs)
-        else:
-            assert images.pixels is not None
-            pixels = images.pixels
+    deadline = started + ctx.settings.request_timeout_s
+    # Resolved without a lease (404 and 503 at once): the lease is taken around the inference only, so a slow
+    # upload holds up no swap or unload.
+    mv = ctx.models.resolve(name, version)
+    admit(ctx, mv)  # a full queue: refused before the body is read
+    io = ModelIO.of(mv)
+    body = await request.body()
+    limits = Limits(ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request)
+    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+    async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
+        if time.monotonic() > deadline:
+            ctx.metrics.rejected.labels("deadline").inc()
+            raise DeadlineError("the request's deadline passed before it was decoded; the server is overloaded")
+        loop = asyncio.get_running_loop()
+        decoded = await loop.run_in_executor(ctx.decode_pool, decode_request, body, encoding, header_length, io, limits)
+    del body
+    if mv.state == "ready":  # else replaced while the body came in: its successor's batcher says at submission
+        admit(ctx, mv, decoded.count)
+    images = decoded.images
+    if images.encoded is not None:
+        blobs: list[tuple[str | None, bytes]] = [(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)]
+        pixels = await preprocess_all(ctx, mv, blobs, deadline)
+    else:
+        assert images.pixels is not None
+        pixels = images.pixels
+    with ctx.models.lease_for(mv, name, version) as mv:  # held until the answer is in: an unload waits for it
         preds = await infer_images(ctx, mv, pixels, started)
     request.state.log.update(
         model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)
     )
-    content, headers = encode_answer(req, mv, io, np.stack([p.logits for p in preds]), outputs)
+    content, headers = encode_answer(decoded.request, mv, io, np.stack([p.logits for p in preds]), decoded.outputs)
     media_type = headers.pop("content-type")
     return Response(content, headers=headers, media_type=media_type)
 

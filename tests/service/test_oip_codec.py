@@ -18,12 +18,15 @@ import tritonclient.http as th
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
-from service.oip import codec
+from service.oip import codec, inference
 from service.oip.inference import (
+    Decoded,
     Images,
+    Limits,
     ModelIO,
     WantedOutput,
     classification,
+    decode_request,
     encode_answer,
     parse_request,
     read_images,
@@ -262,14 +265,31 @@ def test_classification_answer_is_score_index_label(binary: bool) -> None:
     rows = [[(s.decode() if isinstance(s, bytes) else s).split(":", 2) for s in row] for row in got]
     assert [[int(i) for _, i, _ in row] for row in rows] == [[1, 3, 2], [2, 0, 1]]
     assert [label for _, _, label in rows[1]] == ["tabby:cat", "cat", "dog"]  # a label may hold ':'
-    probs = softmax(logits)
     for r, row in enumerate(rows):
         for score, index, _ in row:
-            assert float(score) == pytest.approx(probs[r, int(index)], rel=1e-5)
+            assert float(score) == logits[r, int(index)]  # the raw output value, as Triton
 
 
 def test_classification_ties_keep_class_order() -> None:
-    assert classification(np.zeros((1, 5), np.float32), 2, LABELS) == [b"0.2:0:cat", b"0.2:1:dog"]
+    assert classification(np.zeros((1, 5), np.float32), 2, LABELS) == [b"0.0:0:cat", b"0.0:1:dog"]
+    assert classification(np.zeros((1, 5), np.float32), 2, LABELS, probability=True) == [b"0.2:0:cat", b"0.2:1:dog"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_classification_score_is_the_exact_logit_or_on_request_the_probability(binary: bool) -> None:
+    """As Triton: the raw output value, every digit of it (it reads back as the same float32)."""
+    logits = np.random.default_rng(5).normal(size=(3, 5)).astype(np.float32)
+    for probability, want in ((False, logits.astype(np.float64)), (True, softmax(logits))):
+        got = _answer([WantedOutput("logits", 5, binary, probability)], logits).as_numpy("logits")
+        assert got is not None
+        for r, row in enumerate(got):
+            for s in row:
+                score, index, _ = (s.decode() if isinstance(s, bytes) else s).split(":", 2)
+                assert float(score) == want[r, int(index)]
+    asked = [{"name": "logits", "parameters": {"classification": 2, "classification_score": "probability"}}]
+    assert _outputs(asked) == [WantedOutput("logits", 2, False, True)]
+    with pytest.raises(BadRequestError, match="classification_score"):
+        _outputs([{"name": "logits", "parameters": {"classification": 2, "classification_score": "odds"}}])
 
 
 def test_classification_and_logits_together() -> None:
@@ -300,6 +320,77 @@ def test_compressed_bodies_are_bounded() -> None:
         codec.decompress(b"plain", "gzip", 10_000)
     with pytest.raises(UnsupportedMediaTypeError):
         codec.decompress(b"x", "br", 10_000)
+
+
+def test_data_after_the_compressed_stream_is_400() -> None:
+    with pytest.raises(BadRequestError, match="follow the end"):
+        codec.decompress(gzip.compress(b'{"a": 1}') + gzip.compress(b"more"), "gzip", 10_000)
+    with pytest.raises(BadRequestError, match="follow the end"):
+        codec.decompress(zlib.compress(b'{"a": 1}') + b"junk", "deflate", 10_000)
+
+
+def test_a_bytes_tensor_stops_at_the_count_its_shape_declares() -> None:
+    buf = codec.serialize_bytes_tensor([b"x"] * 1000)
+    with pytest.raises(BadRequestError, match="more than the 2 elements"):
+        codec.deserialize_bytes_tensor(buf, "image", expected=2)
+    assert codec.deserialize_bytes_tensor(buf, "image", expected=1000) == [b"x"] * 1000
+    with pytest.raises(BadRequestError, match="has 3 elements"):  # counted before any is base64-decoded
+        codec.decode_tensor("image", "BYTES", [2], ["%%%", "%%%", "%%%"], None, json_bytes="base64")
+
+
+LIMITS = Limits(max_body_bytes=1_000_000, max_json_body_bytes=10_000, max_images=4)
+
+
+def _decode(body: bytes, encoding: str | None = None, header_length: str | None = None) -> Decoded:
+    return decode_request(body, encoding, header_length, IO, LIMITS)
+
+
+def test_decode_request_reads_json_and_binary_bodies() -> None:
+    x = pixels(2)
+    for binary in (False, True):
+        body, header_length = triton_body([_uint8(x, binary)])
+        decoded = _decode(gzip.compress(body), "gzip", header_length)
+        assert decoded.count == 2
+        np.testing.assert_array_equal(np.stack(decoded.images.pixels or []), x)
+        assert [(o.name, o.classification) for o in decoded.outputs] == [("logits", 0)]
+
+
+def test_a_json_request_is_held_to_the_json_limit_even_compressed() -> None:
+    """A bomb: a few kB of gzip that grow to MB of JSON are refused while decompressing (413)."""
+    big = json_request(data=[0] * 200_000)  # JSON tensors beyond the JSON limit, under the body limit
+    with pytest.raises(PayloadTooLargeError, match="10,000"):
+        _decode(gzip.compress(big), "gzip")
+    with pytest.raises(PayloadTooLargeError, match="10,000"):
+        _decode(big)
+    x = pixels(4)  # the same pixels as binary tensors: the body limit applies, not the JSON one
+    body, header_length = triton_body([_uint8(x, True)])
+    small_json = Limits(max_body_bytes=1_000_000, max_json_body_bytes=400, max_images=4)
+    assert len(body) > small_json.max_json_body_bytes
+    assert decode_request(body, None, header_length, IO, small_json).count == 4
+    with pytest.raises(PayloadTooLargeError, match="400 limit"):
+        decode_request(triton_body([_uint8(x, False)])[0], None, None, IO, small_json)
+
+
+def test_a_declared_batch_over_the_limit_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(head: bytes) -> InferenceRequest:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(inference, "parse_request", never)
+    for n in ("5", "1000000", "9" * 5000):
+        body = f'{{"inputs": [{{"name": "image", "datatype": "UINT8", "shape": [{n}, 8, 8, 3], "data": [0]}}]}}'
+        with pytest.raises(PayloadTooLargeError, match="limit is 4"):
+            _decode(body.encode())
+
+
+def test_a_flat_list_of_the_wrong_length_is_refused_before_numpy_copies_it() -> None:
+    with pytest.raises(BadRequestError, match="needs"):
+        codec.decode_tensor("image", "UINT8", [1, 2], [0] * 1_000_000, None)
+
+
+def _uint8(x: np.ndarray, binary: bool) -> th.InferInput:
+    inp = th.InferInput("image", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    return inp
 
 
 def test_every_refusal_is_a_request_error() -> None:

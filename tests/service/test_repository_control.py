@@ -14,8 +14,9 @@ from service.app import create_app
 from service.config import Settings
 
 
-def post(settings: Settings, paths: list[str]) -> list[httpx.Response]:
+def post(settings: Settings, paths: list[str], loaded: bool = True) -> list[httpx.Response]:
     app = create_app(settings)
+    app.state.ctx.models.loaded = loaded  # as if the start-up load had finished (with nothing) or not
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -49,3 +50,14 @@ def test_the_setting_turns_them_on(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     load, unload = post(settings, ["/v2/repository/models/m/load", "/v2/repository/models/m/unload"])
     assert (load.status_code, unload.status_code) == (404, 404)  # past the gate: an unknown model
     assert "'m'" in load.json()["error"]
+
+
+def test_load_and_unload_wait_for_the_start_up_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up load runs outside the repository's lock: a load or unload meanwhile is 503, not a race."""
+    monkeypatch.setenv("DEEPVIT_REPOSITORY_CONTROL", "true")
+    settings = Settings(model_repository=tmp_path, providers=["cpu"])
+    paths = ["/v2/repository/models/m/load", "/v2/repository/models/m/unload"]
+    for r in post(settings, paths, loaded=False):
+        assert r.status_code == 503
+        assert "still loading" in r.json()["error"]
+        assert r.headers["Retry-After"]

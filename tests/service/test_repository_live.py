@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import httpx
 import numpy as np
@@ -27,12 +28,13 @@ import tritonclient.http.aio as aio
 from serving import DATA, Server, export_tiny, metric_samples, running_server
 from tritonclient.utils import InferenceServerException
 
+from service.batcher import Batcher, BatcherClosedError
 from service.config import Settings
 from service.context import AppContext
 from service.errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
 from service.live_repository import LiveRepository, plan_loads, plan_unloads
 from service.metrics import Metrics
-from service.repository import ModelManager, ModelVersion, artifact_signature
+from service.repository import ModelManager, ModelVersion, artifact_signature, scan_repository
 
 # -- what a poll decides ------------------------------------------------------------------------------
 A, B, C = (1, 100), (2, 100), (3, 200)  # (mtime_ns, size) signatures
@@ -93,6 +95,7 @@ class FakeManager:
         self.loading: set[tuple[str, int]] = set()
         self.unloading: dict[tuple[str, int], SimpleNamespace] = {}
         self.log: list[tuple[str, str, int]] = []
+        self.loaded = True  # the start-up load is done
 
     async def load_version(self, name: str, version: int, path: Path) -> SimpleNamespace:
         self.log.append(("load", name, version))
@@ -241,6 +244,108 @@ def test_an_unloaded_model_stays_unloaded_until_loaded(tmp_path: Path) -> None:
             await repo.load("nope")
         with pytest.raises(NotFoundError):
             await repo.unload("nope")
+
+    asyncio.run(scenario())
+
+
+def test_an_explicit_load_of_a_model_gone_from_disk_is_404_and_unloads_nothing(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+
+    async def scenario() -> None:
+        await repo.poll_once()
+        await repo.poll_once()
+        shutil.rmtree(tmp_path / "m")
+        with pytest.raises(NotFoundError, match="not in the repository"):
+            await repo.load("m")
+        assert served(manager) == {"m": [1]}  # removal is left to polling (after its grace) or an unload
+        assert ("unload", "m", 1) not in manager.log
+
+    asyncio.run(scenario())
+
+
+def test_an_explicit_load_with_the_repository_unreadable_is_503_and_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    repo, manager = live(root)
+    write(root, "m", 1)
+
+    async def scenario() -> None:
+        await repo.poll_once()
+        await repo.poll_once()
+        await repo.unload("m")
+        root.rename(tmp_path / "elsewhere")  # an unmounted volume
+        with pytest.raises(UnavailableError, match="not readable"):
+            await repo.load("m")
+        assert "m" in repo.held  # still held: a load that did nothing lifts nothing
+        (tmp_path / "elsewhere").rename(root)
+        write(root, "other", 1)
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"other": [1]}
+
+    asyncio.run(scenario())
+
+
+def test_load_and_unload_wait_for_the_start_up_load(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+    manager.loaded = False
+
+    async def scenario() -> None:
+        with pytest.raises(UnavailableError, match="still loading"):
+            await repo.load("m")
+        with pytest.raises(UnavailableError, match="still loading"):
+            await repo.unload("m")
+        assert manager.log == []
+
+    asyncio.run(scenario())
+
+
+def test_the_scan_skips_odd_version_names_and_models_removed_mid_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for version in ("1", "²", "01", "0", "-1", "1.5", "١"):  # "١": an Arabic-Indic one, also isdigit()
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "model.onnx").write_bytes(b"good")
+    write(tmp_path, "vanishing", 1)
+    assert scan_repository(tmp_path) == {"m": {1: tmp_path / "m" / "1" / "model.onnx"}, "vanishing": {1: ANY}}
+
+    iterdir = Path.iterdir
+
+    def racing_iterdir(self: Path) -> Iterator[Path]:
+        if self.name == "vanishing":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", racing_iterdir)
+    assert scan_repository(tmp_path) == {"m": {1: tmp_path / "m" / "1" / "model.onnx"}}
+    repo, manager = live(tmp_path)
+
+    async def scenario() -> None:
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"m": [1]}
+        await repo.load("m")
+
+    asyncio.run(scenario())
+
+
+def test_an_unload_drains_its_queue_for_a_bounded_time_then_fails_what_is_left() -> None:
+    def slow(items: list[int]) -> list[int]:
+        time.sleep(0.2)
+        return items
+
+    async def scenario() -> None:
+        batcher: Batcher[int, int] = Batcher(slow, max_batch_size=1, max_delay_s=0, max_queue_size=16)
+        batcher.start()
+        queued = [asyncio.create_task(batcher.submit(i, time.monotonic() + 30)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await batcher.close(drain=True, timeout=0.3)
+        assert time.monotonic() - t0 < 1.0  # not the 2 s of the whole queue
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert 0 in results
+        assert any(isinstance(r, BatcherClosedError) for r in results)
 
     asyncio.run(scenario())
 
