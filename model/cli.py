@@ -51,6 +51,10 @@ def register(sub: Any) -> None:
     p.add_argument("--ema", action="store_true")
     p.set_defaults(handler=_verify, model_side=True)
 
+    from . import train_cli  # train, evaluate
+
+    train_cli.register(sub)
+
 
 def run_handler(handler: Any, args: argparse.Namespace) -> int:
     """Turn the model side's domain errors into one clear line and a non-zero exit."""
