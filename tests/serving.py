@@ -32,7 +32,7 @@ def export_artifact(output: Path, *args: str) -> Path:
     return output
 
 
-def export_tiny(repo: Path, name: str = "tiny", version: int = 1, ema: bool = True) -> Path:
+def export_tiny(repo: Path, name: str = "tiny", version: int = 1, ema: bool = True, precision: str = "fp32") -> Path:
     """The official tiny_cnn checkpoint (real weights from the authors' code) as ``repo/name/version``."""
     args = [
         "--model-config",
@@ -41,6 +41,8 @@ def export_tiny(repo: Path, name: str = "tiny", version: int = 1, ema: bool = Tr
         str(DATA / "conformance" / "official_tiny_cnn.pth.tar"),
         "--name",
         name,
+        "--precision",
+        precision,
     ]
     return export_artifact(repo / name / str(version) / "model.onnx", *args, *(["--ema"] if ema else []))
 

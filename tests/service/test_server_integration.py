@@ -446,20 +446,7 @@ def test_invalid_settings_exit_2_naming_the_variable(repo: Path, tmp_path: Path)
 
 def test_an_fp16_artifact_loads_and_agrees_with_fp32(repo: Path, tmp_path: Path) -> None:
     fp16_repo = tmp_path / "repo"
-    export_artifact_args = [
-        "--model-config",
-        str(DATA / "tiny_cnn.json"),
-        "--checkpoint",
-        str(DATA / "conformance" / "official_tiny_cnn.pth.tar"),
-        "--ema",
-        "--precision",
-        "fp16",
-        "--name",
-        "tiny",
-    ]
-    from serving import export_artifact
-
-    export_artifact(fp16_repo / "tiny" / "1" / "model.onnx", *export_artifact_args)
+    export_tiny(fp16_repo, precision="fp16")
     with running_server(fp16_repo, tmp_path / "log") as s, s.client() as c:
         info = metric_samples(c.get("/metrics").text, "deepvit_model_info")
         answers = [c.post("/classify", content=p.read_bytes(), headers={"content-type": JPEG}).json() for p in PHOTOS]
