@@ -49,7 +49,12 @@ def setup(device: str = "auto") -> Dist:
 
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        # Every rank leaves together: a rank that destroys its group while rank 0 is still writing
+        # checkpoints and plots aborts in gloo's threads ("terminate called without an active exception").
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:
