@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from ..batcher import BatcherClosedError, BatchFailedError, DeadlineExceededError, QueueFullError
 from ..context import AppContext, get_context
-from ..errors import (
-    BadRequestError,
-    InferenceError,
-    PayloadTooLargeError,
-    RequestError,
-    UnavailableError,
-    UnsupportedMediaTypeError,
-)
-from ..errors import DeadlineExceededError as DeadlineError
+from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from ..postprocess import top_k as top_k_of
-from ..preprocess import ImageLimits, preprocess
-from ..repository import ModelVersion
-from ..runtime import Prediction
+from .pipeline import admit, infer_images, preprocess_all
+from .responses import error_responses
 
 router = APIRouter(tags=["classification"])
+
+_ERRORS = error_responses(
+    {
+        400: "undecodable image or bad parameter",
+        404: "unknown model or version",
+        413: "body or pixel count over the limit",
+        415: "unsupported media type",
+        503: "not ready, queue full or draining (see Retry-After)",
+        504: "deadline passed while queued",
+    }
+)
 
 
 class ModelRef(BaseModel):
@@ -56,80 +55,6 @@ class FileResult(BaseModel):
 class MultiClassifyResponse(BaseModel):
     model: ModelRef
     results: list[FileResult] = Field(description="one per 'file' part, in the order of the parts")
-
-
-class ErrorResponse(BaseModel):
-    error: str
-
-
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse, "description": what}
-    for code, what in {
-        400: "undecodable image or bad parameter",
-        404: "unknown model or version",
-        413: "body or pixel count over the limit",
-        415: "unsupported media type",
-        503: "not ready, queue full or draining (see Retry-After)",
-        504: "deadline passed while queued",
-    }.items()
-}
-
-
-async def infer_images(ctx: AppContext, mv: ModelVersion, images: list[np.ndarray], started: float) -> list[Prediction]:
-    """Queue preprocessed images on the model's batcher; batcher errors become service errors."""
-    deadline = started + ctx.settings.request_timeout_s
-    try:
-        return await mv.batcher.submit_many(images, deadline)
-    except QueueFullError as exc:
-        raise UnavailableError(f"{exc}; retry shortly", reason="queue_full", retry_after_s=1) from None
-    except DeadlineExceededError as exc:
-        ctx.metrics.rejected.labels("deadline").inc()
-        raise DeadlineError(f"{exc} (deadline {ctx.settings.request_timeout_s:g}s); the server is overloaded") from None
-    except BatcherClosedError as exc:
-        raise UnavailableError(str(exc), reason="unloading") from None
-    except BatchFailedError as exc:
-        raise InferenceError(str(exc)) from exc
-
-
-def admit(ctx: AppContext, mv: ModelVersion, images: int = 1) -> None:
-    """Refuse at once, before reading and decoding anything, when the model's queue is already full."""
-    if not mv.batcher.has_capacity(images):
-        raise UnavailableError(
-            f"the queue of {mv.name} is full ({mv.batcher.depth} of {mv.batcher.max_queue_size} images waiting); "
-            "retry shortly",
-            reason="queue_full",
-        )
-
-
-async def preprocess_all(
-    ctx: AppContext, mv: ModelVersion, blobs: list[tuple[str | None, bytes]], deadline: float | None = None
-) -> list[np.ndarray]:
-    loop = asyncio.get_running_loop()
-    spec = mv.runtime.meta.preprocess
-    limits = ImageLimits(ctx.settings.max_image_pixels, ctx.settings.max_aspect_ratio)
-
-    def one(data: bytes) -> np.ndarray:
-        if deadline is not None and time.monotonic() > deadline:  # waited too long for a decode thread
-            ctx.metrics.rejected.labels("deadline").inc()
-            raise DeadlineError("the request's deadline passed before its image was decoded; the server is overloaded")
-        t0 = time.perf_counter()
-        out = preprocess(data, spec, limits)
-        ctx.metrics.preprocess.observe(time.perf_counter() - t0)
-        return out
-
-    results = await asyncio.gather(
-        *(loop.run_in_executor(ctx.decode_pool, one, data) for _, data in blobs), return_exceptions=True
-    )
-    arrays: list[np.ndarray] = []
-    for (filename, _), res in zip(blobs, results, strict=True):
-        if isinstance(res, RequestError):
-            if len(blobs) > 1:  # say which part, so the caller can fix that one
-                raise type(res)(f"part {filename!r}: {res.message}")
-            raise res
-        if isinstance(res, BaseException):
-            raise res
-        arrays.append(res)
-    return arrays
 
 
 async def read_parts(request: Request, ctx: AppContext) -> list[tuple[str | None, bytes]]:

@@ -38,8 +38,9 @@ from ..oip.schemas import (
     ServerLive,
     ServerMetadata,
 )
-from .classify import ErrorResponse, admit, infer_images, preprocess_all
 from .health import readyz
+from .pipeline import admit, infer_images, preprocess_all
+from .responses import error_responses
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
 
@@ -47,20 +48,16 @@ Ctx = Annotated[AppContext, Depends(get_context)]
 Version = Annotated[int, Path(ge=1, description="model version")]
 M = TypeVar("M", bound=BaseModel)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": what}
-    for code, what in {
+_ERRORS = error_responses(
+    {
         400: "shape, datatype or input-name mismatch; malformed request",
         404: "unknown model or version",
         413: "body or pixel count over the limit",
         503: "model not ready, being unloaded, queue full or draining (see Retry-After)",
         504: "deadline passed while queued",
-    }.items()
-}
-_CONTROL_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
-    403: {"model": ErrorResponse, "description": "load and unload are off (DEEPVIT_REPOSITORY_CONTROL)"},
-}
+    }
+)
+_CONTROL_ERRORS = {**_ERRORS, **error_responses({403: "load and unload are off (DEEPVIT_REPOSITORY_CONTROL)"})}
 
 
 def _body_as(model: type[M], body: bytes) -> M:
