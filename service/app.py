@@ -35,8 +35,9 @@ def _install_error_handlers(app: FastAPI, ctx: AppContext) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = None
-        if isinstance(exc, UnavailableError):
+        if isinstance(exc, UnavailableError | DeadlineExceededError):  # refused, not failed: counted by reason
             ctx.metrics.rejected.labels(exc.reason).inc()
+        if isinstance(exc, UnavailableError):
             headers = {"Retry-After": str(exc.retry_after_s)}
         if isinstance(exc, DeadlineExceededError):
             log.warning("%s", exc.message)  # overload, not a fault: no traceback per request

@@ -65,6 +65,7 @@ class UnavailableError(ServiceError):
 
 class DeadlineExceededError(ServiceError):
     status = 504
+    reason = "deadline"  # the label of deepvit_rejected_requests_total
 
 
 class InferenceError(ServiceError):

@@ -174,7 +174,6 @@ async def _infer(request: Request, ctx: AppContext, name: str, version: int | No
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
     async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
         if time.monotonic() > deadline:
-            ctx.metrics.rejected.labels("deadline").inc()
             raise DeadlineError("the request's deadline passed before it was decoded; the server is overloaded")
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(ctx.decode_pool, decode_request, body, encoding, header_length, io, limits)

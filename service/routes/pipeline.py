@@ -25,7 +25,6 @@ async def infer_images(ctx: AppContext, mv: ModelVersion, images: list[np.ndarra
     except QueueFullError as exc:
         raise UnavailableError(f"{exc}; retry shortly", reason="queue_full", retry_after_s=1) from None
     except DeadlineExceededError as exc:
-        ctx.metrics.rejected.labels("deadline").inc()
         raise DeadlineError(f"{exc} (deadline {ctx.settings.request_timeout_s:g}s); the server is overloaded") from None
     except BatcherClosedError as exc:
         raise UnavailableError(str(exc), reason="unloading") from None
@@ -52,7 +51,6 @@ async def preprocess_all(
 
     def one(data: bytes) -> np.ndarray:
         if deadline is not None and time.monotonic() > deadline:  # waited too long for a decode thread
-            ctx.metrics.rejected.labels("deadline").inc()
             raise DeadlineError("the request's deadline passed before its image was decoded; the server is overloaded")
         t0 = time.perf_counter()
         out = preprocess(data, spec, limits)
