@@ -66,13 +66,6 @@ class _Entry(Generic[T, R]):
     dispatched: bool = False
 
 
-@dataclass
-class BatchStats:
-    batches: int = 0
-    items: int = 0
-    largest: int = 0
-
-
 class Batcher(Generic[T, R]):
     def __init__(
         self,
@@ -107,7 +100,6 @@ class Batcher(Generic[T, R]):
         self._computing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self.stats = BatchStats()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -292,9 +284,6 @@ class Batcher(Generic[T, R]):
                     e.future.set_result(r)
         finally:
             compute_s = self._clock() - started
-            self.stats.batches += 1
-            self.stats.items += len(batch)
-            self.stats.largest = max(self.stats.largest, len(batch))
             self._observer.batch_done(len(batch), waits, compute_s)
             self._slot_free.set()
             self._wakeup.set()

@@ -217,6 +217,8 @@ def run_bench(
     print(f"benchmarking {name} v{version} on {rt.provider}…", file=sys.stderr, flush=True)
     rows = bench_runtime(rt, batch_sizes, min_time_s)
     rows.append(bench_pipeline(rt, photos[0].read_bytes(), settings.max_batch_size, os.cpu_count() or 2, min_time_s))
+    m = rt.meta
+    described = f"{m.arch}, {m.preprocess.crop_size} px, {m.precision}, {m.weights}"
     del rt  # free the session before the server takes the cores
     log = (output or Path(".")) / f".bench-{name}-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +228,7 @@ def run_bench(
     http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
     ratios = ", ".join(f"{k.split()[-1]}: {v / pipeline:.0%}" for k, v in http.items())
     header = (
-        f"### {name} v{version} ({rt_meta(found[name][version])}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
+        f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
         f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
         f"HTTP throughput / in-process pipeline, by concurrency: {ratios}"
@@ -236,10 +238,3 @@ def run_bench(
         output.mkdir(parents=True, exist_ok=True)
         (output / f"{name}.md").write_text(f"<!-- written by deepvit bench -->\n{table}\n")
     return table
-
-
-def rt_meta(path: Path) -> str:
-    from .artifact import read_metadata
-
-    m = read_metadata(path)
-    return f"{m.arch}, {m.preprocess.crop_size} px, {m.precision}, {m.weights}"
