@@ -84,7 +84,6 @@ def _config(args: argparse.Namespace) -> tuple[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    _require_torch()
     import torch
 
     from .checkpoint import (
@@ -143,7 +142,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    _require_torch()
     import json
 
     import onnx

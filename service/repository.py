@@ -295,11 +295,16 @@ class ModelManager:
             and all(mv.state == "ready" for vs in self.models.values() for mv in vs.values())
         )
 
-    def default_name(self) -> str:
+    def default_model(self) -> str | None:
+        """The model /classify uses when none is named: the configured one, else the only one served."""
         if self.settings.default_model:
             return self.settings.default_model
-        if len(self.models) == 1:
-            return next(iter(self.models))
+        return next(iter(self.models)) if len(self.models) == 1 else None
+
+    def default_name(self) -> str:
+        default = self.default_model()
+        if default is not None:
+            return default
         if not self.models:
             raise UnavailableError("no model is loaded yet", reason="not_ready")
         raise BadRequestError(

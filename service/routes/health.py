@@ -61,5 +61,4 @@ async def models(ctx: Annotated[AppContext, Depends(get_context)]) -> dict[str, 
                     "metadata": mv.runtime.meta.to_public_dict(),
                 }
             )
-    default = ctx.settings.default_model or (next(iter(ctx.models.models)) if len(ctx.models.models) == 1 else None)
-    return {"default_model": default, "models": out}
+    return {"default_model": ctx.models.default_model(), "models": out}
