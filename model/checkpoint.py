@@ -226,10 +226,20 @@ def load_weights(model: nn.Module, sd: Mapping[str, Tensor], arch_label: str) ->
     raise ArchitectureMismatchError("\n".join(lines))
 
 
+def weights_of(obj: Any, weights: WeightsKind = "state_dict") -> dict[str, Tensor]:
+    """The chosen weights of what ``read_checkpoint`` returned, with wrapper prefixes removed."""
+    return filter_state_dict(select_state_dict(obj, weights))
+
+
+def head_classes(sd: Mapping[str, Tensor]) -> int | None:
+    """The classifier width the weights were trained with, when they have a linear head."""
+    head = sd.get("head.weight")
+    return int(head.shape[0]) if head is not None and head.ndim == 2 else None
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, weights: WeightsKind, arch_label: str) -> str:
     """Load weights from ``path`` into ``model`` (strict); returns the file's sha256."""
-    sd = filter_state_dict(select_state_dict(read_checkpoint(path), weights))
-    load_weights(model, sd, arch_label)
+    load_weights(model, weights_of(read_checkpoint(path), weights), arch_label)
     return sha256_of(path)
 
 

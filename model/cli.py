@@ -88,11 +88,11 @@ def _export(args: argparse.Namespace) -> int:
 
     from .checkpoint import (
         ClassCountMismatchError,
-        filter_state_dict,
+        head_classes,
         load_weights,
         read_checkpoint,
-        select_state_dict,
         sha256_of,
+        weights_of,
     )
     from .export import ArtifactInfo, export_artifact
     from .labels import default_labels, read_labels
@@ -105,9 +105,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         _log(f"reading checkpoint {args.checkpoint}…")
         weights: WeightsKind = "ema" if args.ema else "state_dict"
-        sd = filter_state_dict(select_state_dict(read_checkpoint(args.checkpoint), weights))
-        head = sd.get("head.weight")
-        ckpt_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else None
+        sd = weights_of(read_checkpoint(args.checkpoint), weights)
+        ckpt_classes = head_classes(sd)
         if labels is not None and ckpt_classes is not None and ckpt_classes != len(labels):
             raise ClassCountMismatchError(
                 f"the checkpoint's head has {ckpt_classes} classes but {args.labels} has {len(labels)} "

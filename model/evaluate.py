@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     WeightsKind,
-    filter_state_dict,
+    head_classes,
     load_weights,
     read_checkpoint,
-    select_state_dict,
+    weights_of,
 )
 from .config import ConfigError, DeepViTConfig, Preprocessing
 from .datasets import artifact_input, class_index_map, eval_transform, image_folder, remap_targets
@@ -137,16 +137,16 @@ def evaluate_checkpoint(
     from .net import DeepViT
 
     obj = read_checkpoint(checkpoint)
-    sd = filter_state_dict(select_state_dict(obj, weights))
+    sd = weights_of(obj, weights)
     if cfg is None:
         saved = obj.get("config") if isinstance(obj, dict) else None
         if not isinstance(saved, dict):
             raise ConfigError(f"{checkpoint} carries no model config: pass --arch or --model-config")
         cfg = DeepViTConfig.from_dict(saved)
         arch = str(obj.get("arch", arch))
-    head = sd.get("head.weight")
-    if head is not None and head.ndim == 2:
-        cfg = cfg.replace(num_classes=int(head.shape[0]))
+    classes = head_classes(sd)
+    if classes is not None:
+        cfg = cfg.replace(num_classes=classes)
     model = DeepViT(cfg).eval()
     load_weights(model, sd, arch)
     device = device or torch.device("cpu")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, filter_state_dict, load_weights, read_checkpoint, select_state_dict
+from .checkpoint import CheckpointError, filter_state_dict, load_weights, read_checkpoint, weights_of
 from .config import ConfigError, DeepViTConfig, get_config
 from .net import DeepViT
 from .settings import TrainSettings
@@ -76,7 +76,7 @@ def build_for_training(
     model = DeepViT(cfg)
     if s.init is not None and s.resume is None:
         obj = read_checkpoint(s.init)
-        sd = filter_state_dict(select_state_dict(obj, "ema" if s.init_ema else "state_dict"))
+        sd = weights_of(obj, "ema" if s.init_ema else "state_dict")
         load_weights(model, _adapt(sd, model, log), arch)
         if log:
             log(f"--init: weights from {Path(s.init).name}" + (" (EMA)" if s.init_ema else ""))
