@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .repository import ModelManager
 from .routes import classify, health, oip
-from .runtime import GpuRequiredError
+from .runtime import GpuRequiredError, LoadCancelledError
 
 log = logging.getLogger("deepvit.app")
 
@@ -84,6 +84,8 @@ def create_app(
     async def load() -> None:
         try:
             await manager.load_repository()
+        except LoadCancelledError as exc:  # SIGTERM during start-up: a clean exit, not a failed start
+            log.info("%s", exc, extra={"event": "startup_cancelled"})
         except (ArtifactError, GpuRequiredError) as exc:
             ctx.startup_error = str(exc)
             log.critical("start-up failed: %s", exc, extra={"event": "startup_failed"})

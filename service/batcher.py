@@ -46,14 +46,20 @@ class BatcherClosedError(Exception):
 
 class BatchObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None: ...
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None: ...
+    def expired(self, queue_wait: float) -> None:
+        """An item's deadline passed while it was queued: it waited this long and was never computed (the
+        waits that matter most when the server is overloaded)."""
 
 
 class _NullObserver:
     def queue_depth(self, depth: int) -> None:
         pass
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
+        pass
+
+    def expired(self, queue_wait: float) -> None:
         pass
 
 
@@ -64,6 +70,7 @@ class _Entry(Generic[T, R]):
     enqueued: float
     future: asyncio.Future[R]
     dispatched: bool = False
+    expired: bool = False  # its deadline passed while it was queued
 
 
 class Batcher(Generic[T, R]):
@@ -148,6 +155,8 @@ class Batcher(Generic[T, R]):
         if not entry.dispatched:  # expired or abandoned while queued
             self._waiting -= 1
             self._observer.queue_depth(self._waiting)
+            if entry.expired:
+                self._observer.expired(self._clock() - entry.enqueued)
 
     # -- submitting -----------------------------------------------------------------------------
     async def submit(self, item: T, deadline: float) -> R:
@@ -186,6 +195,7 @@ class Batcher(Generic[T, R]):
         except TimeoutError:  # asyncio's own since Python 3.11 (hence requires-python)
             if entry.dispatched:  # already computing: its answer is moments away, so take it
                 return await entry.future
+            entry.expired = True
             entry.future.cancel()
             raise DeadlineExceededError(
                 f"the request's deadline passed after {self._clock() - entry.enqueued:.3f}s in the queue"
@@ -230,6 +240,7 @@ class Batcher(Generic[T, R]):
                 self._queue.popleft()
             elif e.deadline <= now:
                 self._queue.popleft()
+                e.expired = True
                 e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
             else:
                 break
@@ -255,6 +266,7 @@ class Batcher(Generic[T, R]):
             if e.future.done():
                 continue
             if e.deadline <= now:  # expired while queued: never computed
+                e.expired = True
                 e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
                 continue
             e.dispatched = True
@@ -267,6 +279,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = self._clock()
         waits = [started - e.enqueued for e in batch]
+        failed = True
         try:
             results = await loop.run_in_executor(self._executor, self._predict, [e.item for e in batch])
             if len(results) != len(batch):
@@ -279,11 +292,12 @@ class Batcher(Generic[T, R]):
                     err.__cause__ = exc
                     e.future.set_exception(err)
         else:
+            failed = False
             for e, r in zip(batch, results, strict=True):
                 if not e.future.done():
                     e.future.set_result(r)
         finally:
             compute_s = self._clock() - started
-            self._observer.batch_done(len(batch), waits, compute_s)
+            self._observer.batch_done(len(batch), waits, compute_s, failed)
             self._slot_free.set()
             self._wakeup.set()

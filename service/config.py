@@ -53,7 +53,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images in one ONNX Runtime call")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill after its first image")
     max_queue_size: int = Field(256, ge=1, description="queued images per model before 503")
-    request_timeout_s: float = Field(10.0, gt=0, description="deadline of a request; queued past it: 504")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="deadline of a request from its complete body; queued past it: 504"
+    )
 
     # Input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body")
@@ -61,6 +63,9 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1, description="largest JSON of a /v2 inference request, decompressed (JSON tensors)"
     )
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
+    max_request_pixels: int = Field(
+        250_000_000, ge=1, description="largest width x height of all the images of one request together"
+    )
     max_aspect_ratio: float = Field(
         20.0, ge=1, description="largest long side / short side of one image (the resize cost grows with it)"
     )

@@ -31,6 +31,7 @@ from typing import Literal
 from .config import Settings
 from .errors import BadRequestError, NotFoundError, UnavailableError
 from .repository import ModelManager, Signature, artifact_signature, scan_repository, select_versions
+from .runtime import LoadCancelledError
 
 log = logging.getLogger("deepvit.repository")
 
@@ -133,6 +134,8 @@ class LiveRepository:
             path, sig = found[v]
             try:
                 await m.load_version(name, v, path)
+            except LoadCancelledError:
+                break  # draining: the file is not at fault
             except Exception as exc:
                 self._failed[(name, v)] = sig
                 reason = m.failures.get((name, v), str(exc))
@@ -153,12 +156,16 @@ class LiveRepository:
             await m.unload_version(mv)
         for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in on_disk]:
             self._failed.pop(key, None)  # the failed file is gone: nothing left to report
-            m.failures.pop(key, None)
+            m.forget_failure(*key)
+        wanted = set(select_versions(list(on_disk), self.policy))
+        for key in [k for k in m.failures if k[0] == name and k[1] not in wanted]:
+            m.forget_failure(*key)  # superseded: not "not ready" any more (the file is still not retried as is)
         return problems
 
     def stop(self) -> None:
         """Draining has begun: polling ends, and a poll or load under way starts no further build."""
         self.stopped = True
+        self.manager.stop_loading()
 
     async def poll_once(self) -> None:
         if self.stopped:
@@ -238,6 +245,8 @@ class LiveRepository:
             if not served and name not in (await self.scan()):
                 raise NotFoundError(f"unknown model {name!r}: it is neither served nor in the repository")
             self.held.add(name)
+            for key in [k for k in self.manager.failures if k[0] == name]:
+                self.manager.forget_failure(*key)  # unloaded on purpose: no longer a version that should serve
             for mv in served:
                 log.info("unloading %s version %d by request", name, mv.version, extra={"model": name})
                 await self.manager.unload_version(mv)

@@ -57,7 +57,9 @@ class Metrics:
             "deepvit_batch_size", "Images per ONNX Runtime call", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("deepvit_queue_depth", "Images waiting to be batched", ["model"], registry=r)
-        self.inflight = Gauge("deepvit_inflight_requests", "HTTP requests being handled", registry=r)
+        self.inflight = Gauge(
+            "deepvit_inflight_requests", "HTTP requests being handled (probes and scrapes not counted)", registry=r
+        )
         self.images = Counter("deepvit_images", "Images classified", ["model"], registry=r)
         self.rejected = Counter(
             "deepvit_rejected_requests",

@@ -123,7 +123,8 @@ class RequestMiddleware:
                 return message
 
             ctx.inflight += 1
-            ctx.metrics.inflight.inc()
+            if not probe:  # the autoscaler's signal: the scrape reading it must not count itself
+                ctx.metrics.inflight.inc()
             try:
                 await self.app(scope, receive_capped, send_wrapper)
             except ClientDisconnect:
@@ -137,7 +138,8 @@ class RequestMiddleware:
                 )
             finally:
                 ctx.inflight -= 1
-                ctx.metrics.inflight.dec()
+                if not probe:
+                    ctx.metrics.inflight.dec()
         finally:
             elapsed = time.perf_counter() - started
             route = self._route_label(scope)

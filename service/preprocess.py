@@ -13,6 +13,7 @@ before any pixel is decoded, and truncated or malformed files are refused rather
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,28 @@ class ImageLimits:
     max_aspect_ratio: float = 20.0
 
 
-def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+class PixelBudget:
+    """The pixels one request may decode in all. Each image reserves its share from its header, before any
+    pixel is decoded, so a request of many small files that each claim the per-image maximum is refused
+    rather than decoded (its cost would starve every other request of the decode threads). Thread-safe:
+    a request's images decode in parallel."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, pixels: int) -> None:
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise PayloadTooLargeError(
+                    f"the request's images hold more than {self.limit:,} pixels in all; send fewer or smaller "
+                    "images per request"
+                )
+            self.used += pixels
+
+
+def _open(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
     if not data:
         raise BadRequestError("the image is empty (0 bytes); send the file's bytes as the body or a 'file' part")
     try:
@@ -60,6 +82,8 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             f"the image is {w}x{h}, an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1 (resizing its "
             "shorter side would make it far larger than it is); crop it before sending"
         )
+    if budget is not None:
+        budget.reserve(w * h)
     return img
 
 
@@ -90,9 +114,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode(data: bytes, limits: ImageLimits) -> Image.Image:
+def decode(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
     """Bytes → RGB picture, EXIF-oriented, first frame. Raises BadRequestError / PayloadTooLargeError."""
-    img = _open(data, limits)  # positioned at the first frame of an animation
+    img = _open(data, limits, budget)  # positioned at the first frame of an animation
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -128,5 +152,5 @@ def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def preprocess(data: bytes, spec: PreprocessSpec, limits: ImageLimits) -> np.ndarray:
-    return transform(decode(data, limits), spec)
+def preprocess(data: bytes, spec: PreprocessSpec, limits: ImageLimits, budget: PixelBudget | None = None) -> np.ndarray:
+    return transform(decode(data, limits, budget), spec)

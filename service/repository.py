@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .batcher import Batcher
 from .config import Settings, parse_version_policy
 from .errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
 from .metrics import Metrics
-from .runtime import ModelRuntime, Prediction
+from .runtime import LoadCancelledError, ModelRuntime, Prediction
 
 log = logging.getLogger("deepvit.repository")
 
@@ -116,12 +117,18 @@ class _BatchMetrics:
         """The batcher is closed: its queue no longer counts."""
         self._depth.forget(self)
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
         for w in queue_waits:
             self._wait.observe(w)
         self._inference.observe(compute_s)
         self._batch.observe(size)
-        self._images.inc(size)
+        if not failed:
+            self._images.inc(size)
+
+    def expired(self, queue_wait: float) -> None:
+        # The autoscaler reads the mean queue wait: leaving out the items that waited longest would make an
+        # overloaded server look idle.
+        self._wait.observe(queue_wait)
 
 
 @dataclass(eq=False)
@@ -163,11 +170,18 @@ class ModelManager:
         self.unloading: dict[tuple[str, int], ModelVersion] = {}
         self.loaded = False  # the start-up load has finished
         self._queue_depths: dict[str, _QueueDepth] = {}  # per model, shared by its versions' batchers
+        self._stopping = threading.Event()  # read by builds in worker threads
+
+    def stop_loading(self) -> None:
+        """Draining has begun: a build under way stops at its next warm-up shape, none starts."""
+        self._stopping.set()
 
     # -- loading --------------------------------------------------------------------------------
     def _build(self, name: str, version: int, path: Path) -> ModelVersion:
         """Blocking: session, warm-up. Runs in a worker thread."""
         s = self.settings
+        if self._stopping.is_set():
+            raise LoadCancelledError(f"{path} not loaded: the server is shutting down")
         runtime = ModelRuntime(path, s)
         depth = self._queue_depths.setdefault(name, _QueueDepth(self.metrics, name))
         observer = _BatchMetrics(self.metrics, name, depth)
@@ -181,7 +195,7 @@ class ModelManager:
         )
         mv = ModelVersion(name, version, path, runtime, batcher, observer=observer)
         if s.warmup:
-            mv.warmup_s = runtime.warmup(s.max_batch_size)
+            mv.warmup_s = runtime.warmup(s.max_batch_size, cancelled=self._stopping.is_set)
         return mv
 
     async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:
@@ -189,9 +203,13 @@ class ModelManager:
         keeps serving until then and is unloaded (drained) afterwards. A failure is recorded and raised."""
         log.info("loading %s version %d from %s", name, version, path, extra={"model": name, "version": version})
         self.loading.add((name, version))
+        if version not in self.models.get(name, {}):  # not serving until loaded and warmed (and 0 if it fails)
+            self.metrics.model_ready.labels(name, str(version)).set(0)
         try:
             signature = artifact_signature(path)
             mv = await asyncio.to_thread(self._build, name, version, path)
+        except LoadCancelledError:
+            raise  # not the file's fault: nothing to record
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
             self.failures[(name, version)] = reason
@@ -280,6 +298,12 @@ class ModelManager:
             with contextlib.suppress(KeyError):
                 self.metrics.model_info.remove(*_info_labels(mv))
         log.info("unloaded %s version %d", mv.name, mv.version, extra={"model": mv.name, "version": mv.version})
+
+    def forget_failure(self, name: str, version: int) -> None:
+        """The file of a version that failed to load is gone: nothing is left to report about it."""
+        if self.failures.pop((name, version), None) is not None and version not in self.models.get(name, {}):
+            with contextlib.suppress(KeyError):
+                self.metrics.model_ready.remove(name, str(version))
 
     async def close(self) -> None:
         for versions in list(self.models.values()):

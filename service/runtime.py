@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,10 @@ from .config import Settings
 from .errors import ArtifactError, InferenceError
 
 log = logging.getLogger("deepvit.runtime")
+
+
+class LoadCancelledError(Exception):
+    """The server began to drain while a model was being built: it is not put into service."""
 
 
 class GpuRequiredError(Exception):
@@ -133,9 +137,13 @@ class ModelRuntime:
         logits = self.run(np.stack(images))
         return [Prediction(row, len(images)) for row in logits]
 
-    def warmup(self, max_batch_size: int) -> float:
+    def warmup(self, max_batch_size: int, cancelled: Callable[[], bool] = lambda: False) -> float:
+        """Run every batch shape once; ``cancelled`` is asked between shapes, so that a drain does not wait
+        for a warm-up (tens of seconds for a large model on the CPU) whose model will never serve."""
         crop = self.meta.preprocess.crop_size
         started = time.perf_counter()
         for n in warmup_batch_sizes(max_batch_size, every_size=self.provider == "CUDAExecutionProvider"):
+            if cancelled():
+                raise LoadCancelledError(f"warm-up of {self.path} stopped: the server is shutting down")
             self.run(np.zeros((n, crop, crop, 3), dtype=np.uint8))
         return time.perf_counter() - started

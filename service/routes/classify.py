@@ -109,7 +109,6 @@ async def classify(
     model: Annotated[str | None, Query(description="model name (default: the default model)")] = None,
     version: Annotated[int | None, Query(ge=1, description="model version (default: the latest)")] = None,
 ) -> ClassifyResponse | MultiClassifyResponse:
-    started = time.monotonic()
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = media == "multipart/form-data"
     if not (multipart or media.startswith("image/") or media == "application/octet-stream"):
@@ -130,6 +129,8 @@ async def classify(
             admit(ctx, mv, len(blobs))
     else:
         blobs = [(None, await request.body())]
+    # The deadline counts from a complete body: a slow upload is the client's link, not a queue to report.
+    started = time.monotonic()
     images = await preprocess_all(ctx, mv, blobs, started + ctx.settings.request_timeout_s)
     with ctx.models.lease_for(mv, model, version) as mv:
         preds = await infer_images(ctx, mv, images, started)

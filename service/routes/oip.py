@@ -162,14 +162,14 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
-    started = time.monotonic()
-    deadline = started + ctx.settings.request_timeout_s
     # Resolved without a lease (404 and 503 at once): the lease is taken around the inference only, so a slow
     # upload holds up no swap or unload.
     mv = ctx.models.resolve(name, version)
     admit(ctx, mv)  # a full queue: refused before the body is read
     io = ModelIO.of(mv)
     body = await request.body()
+    started = time.monotonic()  # the deadline counts from a complete body, as on /classify
+    deadline = started + ctx.settings.request_timeout_s
     limits = Limits(ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request)
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
     async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from service.artifact import PreprocessSpec
 from service.errors import BadRequestError, PayloadTooLargeError
-from service.preprocess import ImageLimits, decode, preprocess
+from service.preprocess import ImageLimits, PixelBudget, decode, preprocess
 
 torchvision = pytest.importorskip("torchvision")
 T = torchvision.transforms
@@ -143,6 +143,17 @@ def test_a_small_file_claiming_30000_squared_pixels_is_413_before_decoding() -> 
     assert len(data) < 100
     with pytest.raises(PayloadTooLargeError, match="900,000,000 pixels"):
         decode(data, LIMITS)
+
+
+def test_a_request_pixel_budget_is_spent_from_headers_and_refuses_the_image_over_it() -> None:
+    budget = PixelBudget(5000 * 5000)
+    claiming = png_header_only(4000, 4000)  # 16 M pixels each: under the per-image limit
+    with pytest.raises(BadRequestError, match="truncated"):  # reserved, then decoded: one row of pixels
+        decode(claiming, LIMITS, budget)
+    assert budget.used == 16_000_000
+    with pytest.raises(PayloadTooLargeError, match="25,000,000 pixels in all"):
+        decode(claiming, LIMITS, budget)  # refused from the header: nothing decoded
+    assert budget.used == 16_000_000
 
 
 def test_a_png_bomb_is_refused_by_its_header() -> None:

@@ -96,6 +96,13 @@ class FakeManager:
         self.unloading: dict[tuple[str, int], SimpleNamespace] = {}
         self.log: list[tuple[str, str, int]] = []
         self.loaded = True  # the start-up load is done
+        self.stopped_loading = False
+
+    def stop_loading(self) -> None:
+        self.stopped_loading = True
+
+    def forget_failure(self, name: str, version: int) -> None:
+        self.failures.pop((name, version), None)
 
     async def load_version(self, name: str, version: int, path: Path) -> SimpleNamespace:
         self.log.append(("load", name, version))
@@ -686,6 +693,7 @@ def test_corrupt_version_disturbs_nothing(
         assert f"corrupt/{version}/model.onnx" in reason
         assert str(repo) not in reason  # paths relative to the repository
         assert scrape(server, "deepvit_model_load_failures_total")[failures_key] == 1
+        assert scrape(server, "deepvit_model_ready")[failures_key] == 0  # what DeepvitModelNotReady watches
         before = len(load.versions)
         time.sleep(10 * POLL_S)  # polls go on: the same file is not tried again
         load.wait_for(lambda: len(load.versions) >= before + 30, "more requests")
@@ -699,6 +707,7 @@ def test_corrupt_version_disturbs_nothing(
     shutil.rmtree(repo / "corrupt" / str(version))
     place_version(repo, "corrupt", version, good)
     eventually(lambda: client.is_model_ready("corrupt", str(version)), "the repaired version to load")
+    assert scrape(server, "deepvit_model_ready")[failures_key] == 1
 
 
 @pytest.mark.integration

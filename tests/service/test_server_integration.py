@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 PHOTOS = sorted((DATA / "photos").glob("*.jpg"))
 MAX_BODY = 2 * 1024 * 1024
+MAX_REQUEST_PIXELS = 2_000_000
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    env = {"DEEPVIT_MAX_BODY_BYTES": str(MAX_BODY), "DEEPVIT_MAX_QUEUE_DELAY_MS": "20"}
+    env = {
+        "DEEPVIT_MAX_BODY_BYTES": str(MAX_BODY),
+        "DEEPVIT_MAX_QUEUE_DELAY_MS": "20",
+        "DEEPVIT_MAX_REQUEST_PIXELS": str(MAX_REQUEST_PIXELS),
+    }
     with running_server(repo, log, env) as s:
         yield s
 
@@ -228,6 +233,27 @@ def test_multipart_without_file_parts_is_400(server: Server) -> None:
         r = c.post("/classify", content=b"--x--\r\n", headers={"content-type": "multipart/form-data; boundary=x"})
         assert r.status_code == 400
         assert "file" in r.json()["error"]
+
+
+def test_a_malformed_multipart_body_is_400(server: Server) -> None:
+    garbled = b'--x\r\nContent\x01Disposition: form-data; name="file"\r\n\r\nabc\r\n--x--\r\n'
+    with server.client() as c:
+        for body, ctype in [(garbled, "multipart/form-data; boundary=x"), (b"abc", "multipart/form-data")]:
+            r = c.post("/classify", content=body, headers={"content-type": ctype})
+            assert r.status_code == 400, r.text
+            assert "multipart" in r.json()["error"]
+
+
+def test_images_over_the_pixel_budget_of_a_request_are_413_before_decoding(server: Server) -> None:
+    # Each 1000 x 1000 image is far under the per-image limit; three of them are over the request's budget.
+    png = io.BytesIO()
+    Image.new("RGB", (1000, 1000), (90, 140, 200)).save(png, format="PNG")
+    files = [("file", (f"{i}.png", png.getvalue(), "image/png")) for i in range(3)]
+    with server.client() as c:
+        r = c.post("/classify", files=files)
+        assert r.status_code == 413, r.text
+        assert f"{MAX_REQUEST_PIXELS:,} pixels in all" in r.json()["error"]
+        assert c.post("/classify", files=files[:2]).status_code == 200
 
 
 def test_one_bad_part_names_the_part(server: Server) -> None:
