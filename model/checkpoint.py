@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .config import VARIANTS, DeepViTConfig
 
 WeightsKind = Literal["state_dict", "ema"]
@@ -79,6 +80,11 @@ def read_checkpoint(path: str | Path) -> Any:
         head = f.read(len(_LEGACY_MAGIC))
     if not head:
         raise NotACheckpointError(f"{path} is empty, not a checkpoint")
+    if head.startswith(_ZIP_MAGIC) and _is_torchscript(path):
+        raise NotACheckpointError(
+            f"{path} is a TorchScript archive (torch.jit.save), which holds code as well as weights and is not "
+            "loaded here; save the weights with torch.save(model.state_dict(), ...) and export from that"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -104,6 +110,23 @@ def read_checkpoint(path: str | Path) -> Any:
         raise NotACheckpointError(
             f"{path} is not a PyTorch checkpoint (expected a file written by torch.save)"
         ) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save writes ``<name>/constants.pkl`` and ``<name>/code/``; torch.save writes neither."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def class_names_of(obj: Any, num_classes: int | None) -> list[str] | None:
+    """The class names a ``deepvit train`` checkpoint carries, when they fit its head; else None."""
+    names = obj.get("class_names") if isinstance(obj, Mapping) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return names if num_classes is None or len(names) == num_classes else None
 
 
 def _could_be_torch_zip(path: Path) -> bool:
@@ -245,7 +268,5 @@ def load_checkpoint(model: nn.Module, path: str | Path, weights: WeightsKind, ar
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
     """Atomic write: a crash leaves the previous file, never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(dict(payload), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(payload), tmp)

@@ -88,6 +88,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from .checkpoint import (
         ClassCountMismatchError,
+        class_names_of,
         head_classes,
         load_weights,
         read_checkpoint,
@@ -105,8 +106,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         _log(f"reading checkpoint {args.checkpoint}…")
         weights: WeightsKind = "ema" if args.ema else "state_dict"
-        sd = weights_of(read_checkpoint(args.checkpoint), weights)
+        ckpt = read_checkpoint(args.checkpoint)
+        sd = weights_of(ckpt, weights)
         ckpt_classes = head_classes(sd)
+        if labels is None and (labels := class_names_of(ckpt, ckpt_classes)) is not None:
+            _log(f"labels: the {len(labels)} class names saved in the checkpoint by deepvit train")
         if labels is not None and ckpt_classes is not None and ckpt_classes != len(labels):
             raise ClassCountMismatchError(
                 f"the checkpoint's head has {ckpt_classes} classes but {args.labels} has {len(labels)} "
@@ -151,7 +155,10 @@ def _verify(args: argparse.Namespace) -> int:
     from .net import DeepViT
     from .verify import check_parity
 
-    proto = onnx.load(str(args.artifact), load_external_data=False)
+    try:
+        proto = onnx.load(str(args.artifact), load_external_data=False)
+    except Exception as exc:  # missing, unreadable, or not an ONNX protobuf: onnx raises many types
+        raise SystemExit(f"deepvit verify: {args.artifact} cannot be read as an ONNX model ({exc})") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if "deepvit.config" not in meta:
         raise SystemExit(f"deepvit verify: {args.artifact} has no deepvit metadata; was it made by deepvit export?")

@@ -25,7 +25,7 @@ from .config import Preprocessing
 from .settings import AugmentRecipe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class DatasetError(ValueError):
@@ -110,7 +110,7 @@ def resize_and_crop(img: Image.Image, resize_shorter: int, crop_size: int, inter
     new_long = int(resize_shorter * long / short)
     size = (resize_shorter, new_long) if w <= h else (new_long, resize_shorter)
     if size != (w, h):
-        img = img.resize(size, _PIL_FILTERS[interpolation])
+        img = img.resize(size, PIL_FILTERS[interpolation])
     w, h = img.size
     top = round((h - crop_size) / 2.0)  # Python's round, as torchvision (halves to even)
     left = round((w - crop_size) / 2.0)
@@ -158,15 +158,20 @@ def split_dirs(data: str | Path) -> tuple[Path, Path]:
     return train, val
 
 
-def class_index_map(folder_classes: list[str], model_classes: list[str] | None) -> list[int]:
-    """Model class index for each folder class: by name when the model knows the names, else by order."""
+def class_index_map(folder_classes: list[str], model_classes: list[str] | None, num_classes: int) -> list[int]:
+    """Model class index for each folder class: by name when the model knows the names, else by order, which
+    needs one folder per class (sorted folder names in class-index order, as ImageNet's synsets are)."""
     if model_classes is not None and set(folder_classes) <= set(model_classes):
         return [model_classes.index(name) for name in folder_classes]
-    n_model = len(model_classes) if model_classes is not None else None
-    if n_model is not None and n_model != len(folder_classes):
+    if num_classes != len(folder_classes):
+        why = (
+            "and the folder names are not among the model's labels"
+            if model_classes is not None
+            else "and the checkpoint carries no class names to match the folders by"
+        )
         raise DatasetError(
-            f"the data has {len(folder_classes)} class folders but the model has {n_model} classes, and the "
-            "folder names are not among the model's labels"
+            f"the data has {len(folder_classes)} class folders but the model has {num_classes} classes, {why}; "
+            "give one folder per class, their sorted names in class-index order"
         )
     return list(range(len(folder_classes)))
 

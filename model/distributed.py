@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Sampler
 
 
@@ -78,6 +79,22 @@ def average_(tensors: list[torch.Tensor], d: Dist) -> None:
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(d.world_size)
+
+
+def average_batchnorm_(model: nn.Module, d: Dist) -> None:
+    """Average every BatchNorm's running statistics over ranks (timm's ``distribute_bn(reduce=True)``).
+
+    DDP copies rank 0's buffers into every rank at the start of each training forward, so after an epoch's
+    last step each rank holds its own last batch's update: without this the ranks would each evaluate a
+    slightly different model, and rank 0 would save only its own. Call it on the bare model and the EMA."""
+    stats = [
+        buf
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in (m.running_mean, m.running_var)
+        if buf is not None
+    ]
+    average_(stats, d)
 
 
 class ShardSampler(Sampler[int]):

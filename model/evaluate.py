@@ -21,13 +21,14 @@ from torch import Tensor, nn
 
 from .checkpoint import (
     WeightsKind,
+    class_names_of,
     head_classes,
     load_weights,
     read_checkpoint,
     weights_of,
 )
 from .config import ConfigError, DeepViTConfig, Preprocessing
-from .datasets import artifact_input, class_index_map, eval_transform, image_folder, remap_targets
+from .datasets import PIL_FILTERS, artifact_input, class_index_map, eval_transform, image_folder, remap_targets
 
 
 class EvaluationError(Exception):
@@ -151,10 +152,10 @@ def evaluate_checkpoint(
     load_weights(model, sd, arch)
     device = device or torch.device("cpu")
     model.to(device)
-    names = obj.get("class_names") if isinstance(obj, dict) else None
+    names = class_names_of(obj, cfg.num_classes)
     ds = image_folder(data, eval_transform(cfg.preprocessing))
-    index_map = class_index_map(ds.classes, list(names) if isinstance(names, list) else None)
-    labels = list(names) if isinstance(names, list) else [str(i) for i in range(cfg.num_classes)]
+    index_map = class_index_map(ds.classes, names, cfg.num_classes)
+    labels = names or [str(i) for i in range(cfg.num_classes)]
     preds: list[int] = []
     batches = ((x, remap_targets(y, index_map)) for x, y in _loader(ds, batch_size, workers))
     counts = evaluate_model(model, batches, device, predictions=preds)
@@ -189,6 +190,10 @@ def artifact_preprocessing(meta: dict[str, str]) -> Preprocessing:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EvaluationError(f"the artifact's preprocessing metadata is malformed ({exc!r})") from None
+    if p.interpolation not in PIL_FILTERS:
+        raise EvaluationError(
+            f"the artifact's preprocessing names interpolation {p.interpolation!r}; known: {', '.join(PIL_FILTERS)}"
+        )
     if p.resize_shorter != int(pre["resize_shorter"]):
         # The metadata's explicit size is what the service uses; keep the two from silently disagreeing.
         raise EvaluationError(f"the artifact's preprocessing is inconsistent: {pre}")
@@ -215,7 +220,7 @@ def evaluate_artifact(
         raise EvaluationError(f"{artifact} has no deepvit metadata; was it made by deepvit export?")
     labels = [str(x) for x in json.loads(meta["deepvit.labels"])]
     folder = image_folder(data, None)
-    index_map = class_index_map(folder.classes, labels)
+    index_map = class_index_map(folder.classes, labels, len(labels))
     counts = TopK()
     preds: list[str] = []
     input_name = session.get_inputs()[0].name

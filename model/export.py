@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -19,9 +18,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .config import DeepViTConfig
 from .net import DeepViT
-from .verify import ParityError, ParityReport, check_parity
+from .verify import PARITY_BATCH_SIZES, ParityError, ParityReport, check_parity
 
 Precision = Literal["fp32", "fp16"]
 WeightsSource = Literal["state_dict", "ema", "random_init"]
@@ -118,7 +118,7 @@ def export_artifact(
     info: ArtifactInfo,
     output: str | Path,
     *,
-    parity_batch_sizes: tuple[int, ...] = (1, 8),
+    parity_batch_sizes: tuple[int, ...] | None = None,
     log: Callable[[str], None] = print,
 ) -> ParityReport:
     """Export, gate on parity, then write ``output`` atomically. Raises ParityError and writes nothing."""
@@ -136,6 +136,7 @@ def export_artifact(
         wrapper = reference
     log(f"exporting {info.name} ({info.precision}) to ONNX opset {OPSET}…")
     proto = to_onnx(wrapper, size)
+    parity_batch_sizes = parity_batch_sizes or PARITY_BATCH_SIZES[info.precision]
     log(f"checking parity with PyTorch at batch sizes {list(parity_batch_sizes)}…")
     report = check_parity(reference, proto.SerializeToString(), info.precision, size, parity_batch_sizes)
     log(f"parity {report.summary()}")
@@ -147,12 +148,7 @@ def export_artifact(
     for key, value in info.metadata(report).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(output) as tmp:
         onnx.save_model(proto, str(tmp))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
     return report

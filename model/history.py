@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path, write_text_atomic
+
 
 class History:
     def __init__(self, path: str | Path) -> None:
@@ -26,9 +28,7 @@ class History:
     def truncate_from(self, epoch: int) -> None:
         """Forget epochs >= ``epoch`` (a resumed run re-does them), atomically."""
         kept = [r for r in self.records() if int(r["epoch"]) < epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def plot(self, png: str | Path) -> Path | None:
         """Loss and accuracy curves; returns None (and writes nothing) when matplotlib is missing."""
@@ -57,8 +57,9 @@ class History:
             ax.legend()
         fig.tight_layout()
         png = Path(png)
-        tmp = png.with_name(f".{png.stem}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(png)
+        try:
+            with atomic_path(png) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
         return png

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -29,10 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .atomic import copy_atomic, write_text_atomic
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import ConfigError, DeepViTConfig
 from .datasets import DatasetError, eval_transform, image_folder, split_dirs, train_transform
-from .distributed import Dist, ShardSampler, all_reduce_sum
+from .distributed import Dist, ShardSampler, all_reduce_sum, average_batchnorm_
 from .evaluate import TopK, evaluate_model
 from .history import History
 from .recalibration import recalibrate_reattention
@@ -101,18 +101,6 @@ def _loaders(
     return train_ds, train, val, calib
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-
-
 def train(
     s: TrainSettings,
     d: Dist,
@@ -155,8 +143,8 @@ def train(
     run_args = s.to_dict() | {"world_size": d.world_size, "effective_lr": lr, "steps_per_epoch": steps}
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(out / LABELS, "\n".join(class_names) + "\n")
-        _write_text_atomic(out / CONFIG, cfg_json(cfg))
+        write_text_atomic(out / LABELS, "\n".join(class_names) + "\n")
+        write_text_atomic(out / CONFIG, cfg_json(cfg))
         history.truncate_from(start_epoch)
         log(
             f"training {arch} on {len(train_ds)} images, {len(class_names)} classes, {d.world_size} process(es) "
@@ -174,6 +162,10 @@ def train(
         record["train_images"], record["train_seconds"] = images, time.monotonic() - t0
         record["images_per_second"] = images / max(record["train_seconds"], 1e-9)
         calib_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        # One model over all ranks: what each rank evaluates is what rank 0 saves.
+        average_batchnorm_(model, d)
+        if ema is not None:
+            average_batchnorm_(ema.module, d)
         val = _validate(model, calib_loader, val_loader, s, d, use_amp)
         record |= {"val_top1": val.top1, "val_top5": val.top5, "val_loss": val.loss, "val_images": int(val.count)}
         if ema is not None:
@@ -188,7 +180,7 @@ def train(
             payload |= {"metric": val.top1, "best_metric": best_top1, "best_epoch": best_epoch}
             save_checkpoint(out / LAST, payload)
             if improved:
-                _copy_atomic(out / LAST, out / BEST)
+                copy_atomic(out / LAST, out / BEST)
             history.append(record)
             ema_txt = f", EMA top-1 {record['ema_val_top1']:.2%}" if ema is not None else ""
             log(
@@ -306,8 +298,14 @@ def train_one_epoch(
         with torch.autocast(d.device.type, dtype=torch.float16, enabled=use_amp):
             loss = criterion(ddp(images), targets)
         value = float(loss.item())  # the step's one host sync
-        if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} at epoch {epoch}, step {i}; lower --lr or set --clip-grad")
+        # Every rank stops together: one that raised alone would leave the others waiting in the gradient
+        # all-reduce until the collective timeout.
+        bad_ranks = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], d)[0] if d.enabled else 0.0
+        if not math.isfinite(value) or bad_ranks:
+            where = (
+                f"loss is {value}" if not math.isfinite(value) else f"the loss of {bad_ranks:.0f} rank(s) is not finite"
+            )
+            raise TrainingError(f"{where} at epoch {epoch}, step {i}; lower --lr or set --clip-grad")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if s.clip_grad is not None:

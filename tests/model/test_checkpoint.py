@@ -179,6 +179,16 @@ def make_dict_without_weights(tmp_path: Path, data_dir: Path) -> Path:
     return path
 
 
+def make_torchscript(tmp_path: Path, data_dir: Path) -> Path:
+    import warnings
+
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():  # torch.jit is deprecated; people still have such files
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    return path
+
+
 def make_missing(tmp_path: Path, data_dir: Path) -> Path:
     return tmp_path / "absent.pth.tar"
 
@@ -192,6 +202,7 @@ BAD_FILES: list[tuple[str, Callable[[Path, Path], Path], type[CheckpointError], 
     ("zip", make_zip, NotACheckpointError, "is a zip archive but not a PyTorch checkpoint"),
     ("list", make_list, NotACheckpointError, "holds a list, not a state dict"),
     ("no-weights", make_dict_without_weights, NotACheckpointError, r"no state dict in the checkpoint.*'epoch'"),
+    ("torchscript", make_torchscript, NotACheckpointError, r"TorchScript archive .*state_dict\(\)"),
     ("missing", make_missing, CheckpointError, "does not exist"),
 ]
 

@@ -113,11 +113,13 @@ def test_split_dirs_explains_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_class_index_map_by_name_then_by_order() -> None:
-    assert class_index_map(["b", "c"], ["a", "b", "c"]) == [1, 2]
-    assert class_index_map(["x", "y"], ["class_0", "class_1"]) == [0, 1]
-    assert class_index_map(["x", "y"], None) == [0, 1]
+    assert class_index_map(["b", "c"], ["a", "b", "c"], 3) == [1, 2]
+    assert class_index_map(["x", "y"], ["class_0", "class_1"], 2) == [0, 1]
+    assert class_index_map(["x", "y"], None, 2) == [0, 1]
+    with pytest.raises(DatasetError, match="carries no class names"):  # a subset scored by order: nonsense
+        class_index_map(["x", "y"], None, 1000)
     with pytest.raises(DatasetError, match="2 class folders but the model has 3"):
-        class_index_map(["x", "y"], ["a", "b", "c"])
+        class_index_map(["x", "y"], ["a", "b", "c"], 3)
 
 
 def test_artifact_path_is_the_services_preprocessing(small_shapes: Path, tmp_path: Path) -> None:

@@ -261,6 +261,33 @@ def test_verify_catches_an_artifact_that_is_not_the_checkpoint(
     assert "parity FAILED" in result.stderr
 
 
+def test_verify_of_a_file_that_is_not_onnx_is_one_clear_line(tmp_path: Path, data_dir: Path, run_deepvit: Any) -> None:
+    bogus = tmp_path / "model.onnx"
+    bogus.write_bytes(b"not a protobuf at all \xff\xfe")
+    checkpoint = data_dir / "conformance" / "official_tiny_patch.pth.tar"
+    for artifact in (bogus, tmp_path / "absent.onnx"):
+        result = run_deepvit("verify", artifact, "--checkpoint", checkpoint)
+        assert result.code == 1
+        assert f"{artifact} cannot be read as an ONNX model" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_export_takes_the_class_names_a_training_checkpoint_carries(
+    tmp_path: Path, data_dir: Path, run_deepvit: Any
+) -> None:
+    official = torch.load(data_dir / "conformance" / "official_tiny_patch.pth.tar", weights_only=False)
+    names = [f"shape_{i}" for i in range(10)]
+    ours = tmp_path / "best.pth.tar"
+    torch.save({"state_dict": official["state_dict"], "class_names": names}, ours)
+    out = tmp_path / "model.onnx"
+    result = run_deepvit(
+        "export", "--model-config", data_dir / "tiny_patch.json", "--checkpoint", ours, "--output", out
+    )
+    assert result.code == 0, result.stderr
+    assert read_metadata(out).labels == tuple(names)
+    assert "class names saved in the checkpoint" in result.stderr
+
+
 def test_random_init_is_explicit_and_recorded(tmp_path: Path, data_dir: Path, run_deepvit: Any) -> None:
     out = tmp_path / "model.onnx"
     config = data_dir / "tiny_patch.json"

@@ -45,3 +45,43 @@ def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pth.tar", "curves.png", "labels.txt", "last.pth.tar", "log.jsonl", "model_config.json",
     ]  # fmt: skip
+
+
+def _average_batchnorm_on_rank(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from model.distributed import Dist, average_batchnorm_
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        bn = torch.nn.BatchNorm2d(4)
+        bn(torch.randn(8, 4, 3, 3) * (rank + 1))  # each rank's own training update of the statistics
+        average_batchnorm_(torch.nn.Sequential(bn), Dist(rank=rank, world_size=2))
+        torch.save({"mean": bn.running_mean, "var": bn.running_var}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batchnorm_statistics_are_averaged_so_every_rank_evaluates_the_model_rank_0_saves(tmp_path: Path) -> None:
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_batchnorm_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(r0["mean"], r1["mean"])
+    assert torch.equal(r0["var"], r1["var"])
+    # ... and they are the mean of what the ranks had, not rank 0's alone.
+    own = []
+    for rank in (0, 1):
+        torch.manual_seed(rank)
+        bn = torch.nn.BatchNorm2d(4)
+        bn(torch.randn(8, 4, 3, 3) * (rank + 1))
+        own.append(bn.running_var)
+    torch.testing.assert_close(r0["var"], (own[0] + own[1]) / 2)
