@@ -216,6 +216,34 @@ def test_a_failed_version_is_reported_not_retried_and_leaves_the_old_serving(tmp
     asyncio.run(scenario())
 
 
+def test_a_failure_is_forgotten_once_superseded_or_unloaded(tmp_path: Path) -> None:
+    # A failed version keeps deepvit_model_ready at 0 (and its alert firing) only while it should serve.
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+
+    async def scenario() -> None:
+        await repo.poll_once()
+        await repo.poll_once()
+        write(tmp_path, "m", 2, b"bad bytes")
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"m": [1]}
+        assert ("m", 2) in manager.failures
+        write(tmp_path, "m", 3)
+        await repo.poll_once()
+        await repo.poll_once()
+        assert served(manager) == {"m": [3]}
+        assert manager.failures == {}  # version 2 is no longer wanted by latest:1
+        write(tmp_path, "m", 4, b"bad again")
+        await repo.poll_once()
+        await repo.poll_once()
+        assert ("m", 4) in manager.failures
+        await repo.unload("m")
+        assert manager.failures == {}
+
+    asyncio.run(scenario())
+
+
 def test_an_unreadable_repository_root_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "repo"
     repo, manager = live(root)
