@@ -13,6 +13,8 @@ fetched at whatever version is newest.
   extras bring the CUDA 13 runtime and cuDNN 9 as pip wheels (see docker/README.md).
 - ``requirements-serve-cpu.txt``: the same with the CPU-only ``onnxruntime`` wheel of the same version
   (same ``onnxruntime`` module, same requirements, a twelfth of the size).
+- each also pins the build backend of ``[build-system]`` (setuptools), with which the image builds the project
+  without build isolation.
 - ``requirements-export.txt``: the ``train`` extra as well, for the export image.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -91,14 +94,22 @@ def render(title: str, pins: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_requirements() -> list[Requirement]:
+    """pyproject.toml's [build-system] requires: the images build the project with these, locked like the rest
+    (``pip install --no-build-isolation``), rather than with whatever the index has on the day."""
+    with open(HERE.parent / "pyproject.toml", "rb") as f:
+        return [Requirement(r) for r in tomllib.load(f)["build-system"]["requires"]]
+
+
 def locks() -> dict[str, str]:
     serve = [r for r in project_requirements(set()) if canonicalize_name(r.name) != "onnxruntime-gpu"]
+    build = build_requirements()
     ort_gpu = distribution("onnxruntime-gpu")
-    gpu = closure([*serve, Requirement(f"onnxruntime-gpu[cuda,cudnn]=={ort_gpu.version}")])
+    gpu = closure([*serve, *build, Requirement(f"onnxruntime-gpu[cuda,cudnn]=={ort_gpu.version}")])
     # The CPU wheel has the same version and requirements as the GPU one, without the CUDA extras.
-    cpu = closure([*serve, Requirement(f"onnxruntime-gpu=={ort_gpu.version}")])
+    cpu = closure([*serve, *build, Requirement(f"onnxruntime-gpu=={ort_gpu.version}")])
     cpu["onnxruntime"] = cpu.pop("onnxruntime-gpu")
-    export = closure(project_requirements({"train"}))
+    export = closure([*project_requirements({"train"}), *build])
     # torch needs setuptools at run time (its metadata says so); pip hides it from `pip freeze`.
     return {
         "requirements-serve-gpu.txt": render("GPU serving image: docker/Dockerfile", gpu),

@@ -66,6 +66,16 @@ def test_overlay_renders_the_complete_set(rendered: dict[str, list[dict[str, Any
     assert json.loads(dashboard["data"]["deepvit-dashboard.json"]) == shipped
 
 
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu", "overlays/gpu-keda"])
+def test_every_object_lands_in_the_deepvit_namespace(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    stray = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in rendered[overlay]
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "deepvit"
+    ]
+    assert not stray, f"{overlay}: {stray} would go to the caller's current namespace"
+
+
 def test_keda_overlay_replaces_the_hpa(rendered: dict[str, list[dict[str, Any]]]) -> None:
     kinds = {o["kind"] for o in rendered["overlays/gpu-keda"]}
     assert kinds == (COMPLETE_SET - {"HorizontalPodAutoscaler"}) | {"ScaledObject"}
@@ -167,6 +177,11 @@ def test_custom_resources_have_their_required_fields(rendered: dict[str, list[di
                 assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
                 port = c["ports"][0]["containerPort"]
                 assert c["args"][c["args"].index("--port") + 1] == str(port)
+                # What Knative's admission accepts without cluster feature flags: no "privileged", and on
+                # the pod only the seccomp profile (the user goes on the container).
+                assert "privileged" not in c["securityContext"]
+                assert c["securityContext"]["runAsNonRoot"] is True
+                assert set(o["spec"]["predictor"].get("securityContext", {})) <= {"seccompProfile"}
             else:
                 pytest.fail(f"unexpected custom resource {o['kind']}")
     assert seen == {"ServiceMonitor", "PrometheusRule", "ScaledObject", "InferenceService"}
