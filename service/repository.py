@@ -195,7 +195,12 @@ class ModelManager:
         )
         mv = ModelVersion(name, version, path, runtime, batcher, observer=observer)
         if s.warmup:
-            mv.warmup_s = runtime.warmup(s.max_batch_size, cancelled=self._stopping.is_set)
+            try:
+                mv.warmup_s = runtime.warmup(s.max_batch_size, cancelled=self._stopping.is_set)
+            except LoadCancelledError as exc:
+                # Logged here: the task that awaited this build may already be cancelled by the shutdown.
+                log.info("%s", exc, extra={"model": name, "version": version, "event": "load_cancelled"})
+                raise
         return mv
 
     async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:

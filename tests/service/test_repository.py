@@ -1,5 +1,5 @@
-"""ModelManager with a real artifact, in process: what a drain does to a load under way, and the readiness
-series that the DeepvitModelNotReady alert watches."""
+"""ModelManager (service.repository) with a real artifact, in process: what a drain does to a load under way,
+and the readiness series that the DeepvitModelNotReady alert watches."""
 
 from __future__ import annotations
 
