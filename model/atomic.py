@@ -16,6 +16,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -30,6 +31,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temporaries of ``path`` left by a process that was killed mid-write (an OOM kill, a preempted job):
+    a checkpoint's can be hundreds of MB, and a resumed run would add one per kill. The process id in the
+    name tells an orphan from a live writer's file."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

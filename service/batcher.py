@@ -182,8 +182,10 @@ class Batcher(Generic[T, R]):
         try:
             return [await self._wait(e) for e in entries]
         finally:
+            now = self._clock()
             for e in entries:  # the caller gave up (deadline, error, disconnect): don't compute the rest
                 if not e.future.done():
+                    e.expired = not e.dispatched and now >= e.deadline  # the request's other images expired too
                     e.future.cancel()
                 elif not e.future.cancelled():
                     e.future.exception()  # retrieved, so asyncio does not log it as never retrieved

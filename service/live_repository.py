@@ -15,8 +15,9 @@ and a version is unloaded only once two scans in a row missed it, so a directory
 request. A repository root that cannot be read changes nothing.
 An explicit unload holds the model: polling leaves it unloaded until an explicit load.
 
-When the server starts draining it calls ``stop``: polling ends and no further version is loaded (a build under
-way runs to its end, as its thread cannot be interrupted), so no new build holds up the exit.
+When the server starts draining it calls ``stop``: polling ends and no further version is loaded; a build under
+way stops at its next warm-up shape (its thread cannot be interrupted mid-call), so no build holds up the exit
+for more than one batch.
 """
 
 from __future__ import annotations
@@ -157,9 +158,12 @@ class LiveRepository:
         for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in on_disk]:
             self._failed.pop(key, None)  # the failed file is gone: nothing left to report
             m.forget_failure(*key)
-        wanted = set(select_versions(list(on_disk), self.policy))
-        for key in [k for k in m.failures if k[0] == name and k[1] not in wanted]:
-            m.forget_failure(*key)  # superseded: not "not ready" any more (the file is still not retried as is)
+        keep = set(select_versions(list(on_disk), self.policy)) | set(m.models.get(name, {}))
+        for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in keep]:
+            # Superseded (neither wanted nor serving): not "not ready" any more; should it become wanted
+            # again, it gets one more try.
+            self._failed.pop(key, None)
+            m.forget_failure(*key)
         return problems
 
     def stop(self) -> None:
@@ -180,7 +184,9 @@ class LiveRepository:
         async with self._lock:
             scan = await self.scan()
             previous, self._previous_scan = self._previous_scan, scan
-            for name in sorted(set(scan) | set(self.manager.models)):
+            failed_names = {n for n, _ in (*self._failed, *self.manager.failures)}
+            # Models that failed count too: their failures (and 0 readiness) go once their folder is gone.
+            for name in sorted(set(scan) | set(self.manager.models) | failed_names):
                 if self.stopped:
                     break
                 if name in self.held:
@@ -241,12 +247,13 @@ class LiveRepository:
         """Unload every version of a model (each drained first) and keep it unloaded until a load."""
         self._require_started()
         async with self._lock:
+            for key in [k for k in (*self._failed, *self.manager.failures) if k[0] == name]:
+                self._failed.pop(key, None)  # unloaded on purpose: no longer versions that should serve
+                self.manager.forget_failure(*key)
             served = list(self.manager.models.get(name, {}).values())
             if not served and name not in (await self.scan()):
                 raise NotFoundError(f"unknown model {name!r}: it is neither served nor in the repository")
             self.held.add(name)
-            for key in [k for k in self.manager.failures if k[0] == name]:
-                self.manager.forget_failure(*key)  # unloaded on purpose: no longer a version that should serve
             for mv in served:
                 log.info("unloading %s version %d by request", name, mv.version, extra={"model": name})
                 await self.manager.unload_version(mv)

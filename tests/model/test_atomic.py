@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,14 @@ def test_a_complete_write_replaces_the_file(tmp_path: Path) -> None:
     copy_atomic(target, tmp_path / "run" / "copy.txt")
     assert (tmp_path / "run" / "copy.txt").read_text() == "circle\nsquare\n"
     assert sorted(p.name for p in target.parent.iterdir()) == ["copy.txt", "labels.txt"]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_not_those_of_a_live_one(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".last.pth.tar.{int(gone.stdout)}.tmp"  # that process has exited
+    live = tmp_path / f".last.pth.tar.{os.getppid()}.tmp"  # a running process (this one's parent)
+    for f in (orphan, live):
+        f.write_bytes(b"half a checkpoint")
+    write_text_atomic(tmp_path / "last.pth.tar", "whole")
+    assert not orphan.exists()
+    assert live.exists()

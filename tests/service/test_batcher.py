@@ -244,9 +244,9 @@ async def test_observer_sees_failed_batches_and_the_waits_of_expired_items() -> 
     blocker = asyncio.create_task(b.submit("blocker", deadline()))
     await asyncio.sleep(0.05)
     with pytest.raises(DeadlineExceededError):
-        await b.submit("late", deadline(0.1))
+        await b.submit_many(["late", "later", "latest"], deadline(0.1))
     await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
-    assert len(seen["expired"]) == 1
+    assert len(seen["expired"]) == 3  # each image of the request waited, each is observed
     assert seen["expired"][0] >= 0.09  # type: ignore[operator]
     model.release.set()
     await blocker

@@ -133,6 +133,12 @@ def live(tmp_path: Path) -> tuple[LiveRepository, FakeManager]:
     return LiveRepository(manager), manager  # type: ignore[arg-type]
 
 
+async def settle(repo: LiveRepository) -> None:
+    """Two polls: what was written before is seen unchanged twice, so it is acted on."""
+    await repo.poll_once()
+    await repo.poll_once()
+
+
 def served(manager: FakeManager) -> dict[str, list[int]]:
     return {name: sorted(vs) for name, vs in manager.models.items()}
 
@@ -222,24 +228,73 @@ def test_a_failure_is_forgotten_once_superseded_or_unloaded(tmp_path: Path) -> N
     write(tmp_path, "m", 1)
 
     async def scenario() -> None:
-        await repo.poll_once()
-        await repo.poll_once()
+        await settle(repo)
         write(tmp_path, "m", 2, b"bad bytes")
-        await repo.poll_once()
-        await repo.poll_once()
+        await settle(repo)
         assert served(manager) == {"m": [1]}
         assert ("m", 2) in manager.failures
         write(tmp_path, "m", 3)
-        await repo.poll_once()
-        await repo.poll_once()
+        await settle(repo)
         assert served(manager) == {"m": [3]}
         assert manager.failures == {}  # version 2 is no longer wanted by latest:1
         write(tmp_path, "m", 4, b"bad again")
-        await repo.poll_once()
-        await repo.poll_once()
+        await settle(repo)
         assert ("m", 4) in manager.failures
         await repo.unload("m")
         assert manager.failures == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_new_model_that_failed_is_forgotten_once_its_folder_is_gone(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "new", 1, b"bad bytes")
+
+    async def scenario() -> None:
+        await settle(repo)
+        assert ("new", 1) in manager.failures
+        shutil.rmtree(tmp_path / "new")
+        await settle(repo)
+        assert manager.failures == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_superseded_failure_gets_one_more_try_when_wanted_again(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+
+    async def scenario() -> None:
+        await settle(repo)
+        write(tmp_path, "m", 2, b"bad bytes")
+        await settle(repo)
+        write(tmp_path, "m", 3, b"bad too")
+        await settle(repo)
+        assert set(manager.failures) == {("m", 3)}  # version 2 is superseded: no longer reported
+        shutil.rmtree(tmp_path / "m" / "3")
+        for _ in range(3):
+            await repo.poll_once()
+        assert manager.log.count(("load", "m", 2)) == 2  # wanted again: tried again, and reported
+        assert set(manager.failures) == {("m", 2)}
+        assert served(manager) == {"m": [1]}
+
+    asyncio.run(scenario())
+
+
+def test_a_fallback_whose_changed_file_fails_is_not_retried_every_poll(tmp_path: Path) -> None:
+    repo, manager = live(tmp_path)
+    write(tmp_path, "m", 1)
+
+    async def scenario() -> None:
+        await settle(repo)
+        write(tmp_path, "m", 2, b"bad bytes")  # version 1 stays, as the fallback
+        await settle(repo)
+        write(tmp_path, "m", 1, b"bad now")
+        os.utime(tmp_path / "m" / "1" / "model.onnx", (1, 1))
+        for _ in range(5):
+            await repo.poll_once()
+        assert manager.log.count(("load", "m", 1)) == 2  # the first load, and one try of the changed file
+        assert ("m", 1) in manager.failures
 
     asyncio.run(scenario())
 

@@ -437,7 +437,8 @@ def test_sigterm_during_the_warm_up_exits_0_without_finishing_it(tmp_path: Path)
                 if c.get("/livez").status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         assert c.get("/readyz").status_code == 503, "warmed up already: the test needs a slower warm-up"
     server.terminate()
     started = time.monotonic()
