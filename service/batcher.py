@@ -46,7 +46,7 @@ class BatcherClosedError(Exception):
 
 class BatchObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None: ...
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None: ...
     def expired(self, queue_wait: float) -> None:
         """An item's deadline passed while it was queued: it waited this long and was never computed (the
         waits that matter most when the server is overloaded)."""
@@ -56,7 +56,7 @@ class _NullObserver:
     def queue_depth(self, depth: int) -> None:
         pass
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
         pass
 
     def expired(self, queue_wait: float) -> None:
@@ -281,7 +281,6 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = self._clock()
         waits = [started - e.enqueued for e in batch]
-        failed = True
         try:
             results = await loop.run_in_executor(self._executor, self._predict, [e.item for e in batch])
             if len(results) != len(batch):
@@ -294,12 +293,11 @@ class Batcher(Generic[T, R]):
                     err.__cause__ = exc
                     e.future.set_exception(err)
         else:
-            failed = False
             for e, r in zip(batch, results, strict=True):
                 if not e.future.done():
                     e.future.set_result(r)
         finally:
             compute_s = self._clock() - started
-            self._observer.batch_done(len(batch), waits, compute_s, failed)
+            self._observer.batch_done(len(batch), waits, compute_s)
             self._slot_free.set()
             self._wakeup.set()

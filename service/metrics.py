@@ -60,7 +60,12 @@ class Metrics:
         self.inflight = Gauge(
             "deepvit_inflight_requests", "HTTP requests being handled (probes and scrapes not counted)", registry=r
         )
-        self.images = Counter("deepvit_images", "Images classified", ["model"], registry=r)
+        self.images = Counter(
+            "deepvit_images",
+            "Images classified (a failed batch or non-finite logits count no image)",
+            ["model"],
+            registry=r,
+        )
         self.rejected = Counter(
             "deepvit_rejected_requests",
             "Requests refused before inference, by reason",

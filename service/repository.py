@@ -108,7 +108,7 @@ class _BatchMetrics:
         self._wait = metrics.queue_wait.labels(model)
         self._inference = metrics.inference.labels(model)
         self._batch = metrics.batch_size.labels(model)
-        self._images = metrics.images.labels(model)
+        metrics.images.labels(model)  # counted by the routes; at 0 from the load on, so rate() sees the first
 
     def queue_depth(self, depth: int) -> None:
         self._depth.report(self, depth)
@@ -117,13 +117,11 @@ class _BatchMetrics:
         """The batcher is closed: its queue no longer counts."""
         self._depth.forget(self)
 
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
         for w in queue_waits:
             self._wait.observe(w)
         self._inference.observe(compute_s)
         self._batch.observe(size)
-        if not failed:
-            self._images.inc(size)
 
     def expired(self, queue_wait: float) -> None:
         # The autoscaler reads the mean queue wait: leaving out the items that waited longest would make an

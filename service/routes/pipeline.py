@@ -37,6 +37,7 @@ async def infer_images(ctx: AppContext, mv: ModelVersion, images: list[np.ndarra
                 f"model {mv.name} version {mv.version} produced non-finite logits for image {i} "
                 f"(precision {mv.runtime.meta.precision}); the artifact is faulty for this input"
             )
+    ctx.metrics.images.labels(mv.name).inc(len(preds))  # classified: the request has its answers
     return preds
 
 

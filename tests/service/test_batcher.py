@@ -191,16 +191,15 @@ async def test_close_drains_queued_work_then_refuses_new_items() -> None:
 
 
 async def test_observer_sees_batches_and_queue_depth() -> None:
-    seen: dict[str, list[object]] = {"sizes": [], "waits": [], "depths": [], "failed": [], "expired": []}
+    seen: dict[str, list[object]] = {"sizes": [], "waits": [], "depths": [], "expired": []}
 
     class Observer:
         def queue_depth(self, depth: int) -> None:
             seen["depths"].append(depth)
 
-        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
+        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
             seen["sizes"].append(size)
             seen["waits"].extend(queue_waits)
-            seen["failed"].append(failed)
 
         def expired(self, queue_wait: float) -> None:
             seen["expired"].append(queue_wait)
@@ -215,39 +214,35 @@ async def test_observer_sees_batches_and_queue_depth() -> None:
     assert all(w >= 0 for w in seen["waits"])  # type: ignore[operator]
     assert max(seen["depths"]) == 3  # type: ignore[type-var]
     assert seen["depths"][-1] == 0
-    assert seen["failed"] == [False]
     await b.close()
 
 
-async def test_observer_sees_failed_batches_and_the_waits_of_expired_items() -> None:
-    seen: dict[str, list[object]] = {"failed": [], "expired": []}
+async def test_observer_sees_the_waits_of_expired_items() -> None:
+    seen: list[float] = []
 
     class Observer:
         def queue_depth(self, depth: int) -> None:
             pass
 
-        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool) -> None:
-            seen["failed"].append(failed)
+        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+            pass
 
         def expired(self, queue_wait: float) -> None:
-            seen["expired"].append(queue_wait)
+            seen.append(queue_wait)
 
-    model = FakeModel(fail_on="bad")
+    model = FakeModel()
+    model.release.clear()
     b: Batcher[object, object] = Batcher(
         model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=Observer()
     )
     b.start()
-    with pytest.raises(BatchFailedError):
-        await b.submit("bad", deadline())
-    assert seen["failed"] == [True]  # so that deepvit_images_total counts only classified images
-    model.release.clear()
     blocker = asyncio.create_task(b.submit("blocker", deadline()))
     await asyncio.sleep(0.05)
     with pytest.raises(DeadlineExceededError):
         await b.submit_many(["late", "later", "latest"], deadline(0.1))
     await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
-    assert len(seen["expired"]) == 3  # each image of the request waited, each is observed
-    assert seen["expired"][0] >= 0.09  # type: ignore[operator]
+    assert len(seen) == 3  # each image of the request waited, each is observed
+    assert min(seen) >= 0.09
     model.release.set()
     await blocker
     await b.close()

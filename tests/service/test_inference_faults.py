@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from inprocess import InProcessApp, grey_png, v2_bytes_request
+from serving import metric_samples
 
 from service.errors import InferenceError
 
@@ -32,6 +33,9 @@ def test_a_model_fault_is_a_json_500_and_the_server_keeps_serving(
 ) -> None:
     png = grey_png()
 
+    def classified() -> float:
+        return metric_samples(tiny_app.ctx.metrics.render().decode(), "deepvit_images_total").get('{model="tiny"}', 0)
+
     async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with tiny_app.serving() as (client, mv):
 
@@ -43,8 +47,11 @@ def test_a_model_fault_is_a_json_500_and_the_server_keeps_serving(
 
             mv.runtime.run = fault  # type: ignore[method-assign]  # the fault lasts for these requests only
             failed = await both()
+            assert classified() == 0  # deepvit_images_total: no answer, no classified image
             del mv.runtime.run
-            return failed, await both()
+            after = await both()
+            assert classified() == 2
+            return failed, after
 
     failed, after = asyncio.run(run())
     for r in failed:
