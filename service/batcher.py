@@ -242,10 +242,14 @@ class Batcher(Generic[T, R]):
                 self._queue.popleft()
             elif e.deadline <= now:
                 self._queue.popleft()
-                e.expired = True
-                e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
+                self._expire(e)
             else:
                 break
+
+    @staticmethod
+    def _expire(e: _Entry[T, R]) -> None:
+        e.expired = True
+        e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
 
     def _live_head(self) -> bool:
         self._drop_dead_head()
@@ -268,8 +272,7 @@ class Batcher(Generic[T, R]):
             if e.future.done():
                 continue
             if e.deadline <= now:  # expired while queued: never computed
-                e.expired = True
-                e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
+                self._expire(e)
                 continue
             e.dispatched = True
             self._waiting -= 1

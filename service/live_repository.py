@@ -155,16 +155,21 @@ class LiveRepository:
             why = "its file is gone" if mv.version not in on_disk else f"the version policy {self.policy} moved on"
             log.info("unloading %s version %d: %s", name, mv.version, why, extra={"model": name, "version": mv.version})
             await m.unload_version(mv)
-        for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in on_disk]:
-            self._failed.pop(key, None)  # the failed file is gone: nothing left to report
-            m.forget_failure(*key)
-        keep = set(select_versions(list(on_disk), self.policy)) | set(m.models.get(name, {}))
-        for key in [k for k in (*self._failed, *m.failures) if k[0] == name and k[1] not in keep]:
-            # Superseded (neither wanted nor serving): not "not ready" any more; should it become wanted
-            # again, it gets one more try.
-            self._failed.pop(key, None)
-            m.forget_failure(*key)
+        # A failed file that is gone, or superseded (neither wanted nor serving: what is gone serves no more),
+        # is not "not ready" any more.
+        serving = set(m.models.get(name, {}))
+        self._forget_failures(name, keep=set(select_versions(list(on_disk), self.policy)) | serving)
         return problems
+
+    def _failed_models(self) -> set[str]:
+        return {n for n, _ in (*self._failed, *self.manager.failures)}
+
+    def _forget_failures(self, name: str, keep: Collection[int] = ()) -> None:
+        """Stop reporting the failures of ``name``'s versions outside ``keep`` (in the index and as 0 in
+        deepvit_model_ready); should such a file be wanted again, it gets one more try."""
+        for key in [k for k in (*self._failed, *self.manager.failures) if k[0] == name and k[1] not in keep]:
+            self._failed.pop(key, None)
+            self.manager.forget_failure(*key)
 
     def stop(self) -> None:
         """Draining has begun: polling ends, and a poll or load under way starts no further build."""
@@ -184,9 +189,8 @@ class LiveRepository:
         async with self._lock:
             scan = await self.scan()
             previous, self._previous_scan = self._previous_scan, scan
-            failed_names = {n for n, _ in (*self._failed, *self.manager.failures)}
             # Models that failed count too: their failures (and 0 readiness) go once their folder is gone.
-            for name in sorted(set(scan) | set(self.manager.models) | failed_names):
+            for name in sorted(set(scan) | set(self.manager.models) | self._failed_models()):
                 if self.stopped:
                     break
                 if name in self.held:
@@ -247,9 +251,7 @@ class LiveRepository:
         """Unload every version of a model (each drained first) and keep it unloaded until a load."""
         self._require_started()
         async with self._lock:
-            for key in [k for k in (*self._failed, *self.manager.failures) if k[0] == name]:
-                self._failed.pop(key, None)  # unloaded on purpose: no longer versions that should serve
-                self.manager.forget_failure(*key)
+            self._forget_failures(name)  # unloaded on purpose: none of its versions should serve
             served = list(self.manager.models.get(name, {}).values())
             if not served and name not in (await self.scan()):
                 raise NotFoundError(f"unknown model {name!r}: it is neither served nor in the repository")

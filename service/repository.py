@@ -108,7 +108,6 @@ class _BatchMetrics:
         self._wait = metrics.queue_wait.labels(model)
         self._inference = metrics.inference.labels(model)
         self._batch = metrics.batch_size.labels(model)
-        metrics.images.labels(model)  # counted by the routes; at 0 from the load on, so rate() sees the first
 
     def queue_depth(self, depth: int) -> None:
         self._depth.report(self, depth)
@@ -229,6 +228,7 @@ class ModelManager:
         meta = mv.runtime.meta
         self.metrics.model_ready.labels(name, str(version)).set(1)
         self.metrics.model_info.labels(*_info_labels(mv)).set(1)
+        self.metrics.images.labels(name)  # counted by the routes; at 0 from now on, so rate() sees the first
         log.info(
             "model %s version %d ready on %s (%s, %s weights%s), warm-up %.2fs",
             name,
@@ -303,7 +303,8 @@ class ModelManager:
         log.info("unloaded %s version %d", mv.name, mv.version, extra={"model": mv.name, "version": mv.version})
 
     def forget_failure(self, name: str, version: int) -> None:
-        """The file of a version that failed to load is gone: nothing is left to report about it."""
+        """Stop reporting a version's failed load (its file is gone, superseded, or its model unloaded): its
+        0 in deepvit_model_ready goes too, unless a version under that number serves."""
         if self.failures.pop((name, version), None) is not None and version not in self.models.get(name, {}):
             with contextlib.suppress(KeyError):
                 self.metrics.model_ready.remove(name, str(version))
