@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -190,59 +191,52 @@ async def test_close_drains_queued_work_then_refuses_new_items() -> None:
         await b.submit("late", deadline())
 
 
+@dataclass
+class RecordingObserver:
+    """What the batcher reports, as the Prometheus adapter would receive it."""
+
+    depths: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    expired_waits: list[float] = field(default_factory=list)
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
+        self.sizes.append(size)
+        self.waits.extend(queue_waits)
+
+    def expired(self, queue_wait: float) -> None:
+        self.expired_waits.append(queue_wait)
+
+
 async def test_observer_sees_batches_and_queue_depth() -> None:
-    seen: dict[str, list[object]] = {"sizes": [], "waits": [], "depths": [], "expired": []}
-
-    class Observer:
-        def queue_depth(self, depth: int) -> None:
-            seen["depths"].append(depth)
-
-        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
-            seen["sizes"].append(size)
-            seen["waits"].extend(queue_waits)
-
-        def expired(self, queue_wait: float) -> None:
-            seen["expired"].append(queue_wait)
-
-    b: Batcher[int, object] = Batcher(
-        FakeModel(), max_batch_size=4, max_delay_s=0.02, max_queue_size=8, observer=Observer()
-    )
+    seen = RecordingObserver()
+    b: Batcher[int, object] = Batcher(FakeModel(), max_batch_size=4, max_delay_s=0.02, max_queue_size=8, observer=seen)
     b.start()
     await asyncio.gather(*(b.submit(i, deadline()) for i in range(3)))
-    assert seen["sizes"] == [3]
-    assert len(seen["waits"]) == 3
-    assert all(w >= 0 for w in seen["waits"])  # type: ignore[operator]
-    assert max(seen["depths"]) == 3  # type: ignore[type-var]
-    assert seen["depths"][-1] == 0
+    assert seen.sizes == [3]
+    assert len(seen.waits) == 3
+    assert all(w >= 0 for w in seen.waits)
+    assert max(seen.depths) == 3
+    assert seen.depths[-1] == 0
     await b.close()
 
 
 async def test_observer_sees_the_waits_of_expired_items() -> None:
-    seen: list[float] = []
-
-    class Observer:
-        def queue_depth(self, depth: int) -> None:
-            pass
-
-        def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
-            pass
-
-        def expired(self, queue_wait: float) -> None:
-            seen.append(queue_wait)
-
+    seen = RecordingObserver()
     model = FakeModel()
     model.release.clear()
-    b: Batcher[object, object] = Batcher(
-        model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=Observer()
-    )
+    b: Batcher[object, object] = Batcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=seen)
     b.start()
     blocker = asyncio.create_task(b.submit("blocker", deadline()))
     await asyncio.sleep(0.05)
     with pytest.raises(DeadlineExceededError):
         await b.submit_many(["late", "later", "latest"], deadline(0.1))
     await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
-    assert len(seen) == 3  # each image of the request waited, each is observed
-    assert min(seen) >= 0.09
+    assert len(seen.expired_waits) == 3  # each image of the request waited, each is observed
+    assert min(seen.expired_waits) >= 0.09
     model.release.set()
     await blocker
     await b.close()

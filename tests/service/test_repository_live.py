@@ -139,6 +139,14 @@ async def settle(repo: LiveRepository) -> None:
     await repo.poll_once()
 
 
+async def failed_newcomer(repo: LiveRepository, root: Path) -> None:
+    """Model m: version 1 serves, then a version 2 that fails to load arrives; 1 stays, as the fallback."""
+    write(root, "m", 1)
+    await settle(repo)
+    write(root, "m", 2, b"bad bytes")
+    await settle(repo)
+
+
 def served(manager: FakeManager) -> dict[str, list[int]]:
     return {name: sorted(vs) for name, vs in manager.models.items()}
 
@@ -225,12 +233,9 @@ def test_a_failed_version_is_reported_not_retried_and_leaves_the_old_serving(tmp
 def test_a_failure_is_forgotten_once_superseded_or_unloaded(tmp_path: Path) -> None:
     # A failed version keeps deepvit_model_ready at 0 (and its alert firing) only while it should serve.
     repo, manager = live(tmp_path)
-    write(tmp_path, "m", 1)
 
     async def scenario() -> None:
-        await settle(repo)
-        write(tmp_path, "m", 2, b"bad bytes")
-        await settle(repo)
+        await failed_newcomer(repo, tmp_path)
         assert served(manager) == {"m": [1]}
         assert ("m", 2) in manager.failures
         write(tmp_path, "m", 3)
@@ -262,12 +267,9 @@ def test_a_new_model_that_failed_is_forgotten_once_its_folder_is_gone(tmp_path: 
 
 def test_a_superseded_failure_gets_one_more_try_when_wanted_again(tmp_path: Path) -> None:
     repo, manager = live(tmp_path)
-    write(tmp_path, "m", 1)
 
     async def scenario() -> None:
-        await settle(repo)
-        write(tmp_path, "m", 2, b"bad bytes")
-        await settle(repo)
+        await failed_newcomer(repo, tmp_path)
         write(tmp_path, "m", 3, b"bad too")
         await settle(repo)
         assert set(manager.failures) == {("m", 3)}  # version 2 is superseded: no longer reported
@@ -283,12 +285,9 @@ def test_a_superseded_failure_gets_one_more_try_when_wanted_again(tmp_path: Path
 
 def test_a_fallback_whose_changed_file_fails_is_not_retried_every_poll(tmp_path: Path) -> None:
     repo, manager = live(tmp_path)
-    write(tmp_path, "m", 1)
 
     async def scenario() -> None:
-        await settle(repo)
-        write(tmp_path, "m", 2, b"bad bytes")  # version 1 stays, as the fallback
-        await settle(repo)
+        await failed_newcomer(repo, tmp_path)
         write(tmp_path, "m", 1, b"bad now")
         os.utime(tmp_path / "m" / "1" / "model.onnx", (1, 1))
         for _ in range(5):
