@@ -112,13 +112,19 @@ def read_checkpoint(path: str | Path) -> Any:
         ) from None
 
 
-def _is_torchscript(path: Path) -> bool:
-    """torch.jit.save writes ``<name>/constants.pkl`` and ``<name>/code/``; torch.save writes neither."""
+def _zip_names(path: Path) -> list[str] | None:
+    """The member names of a zip archive; None when it cannot be read as one (e.g. truncated)."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+            return z.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save writes ``<name>/constants.pkl`` and ``<name>/code/``; torch.save writes neither."""
+    names = _zip_names(path) or []
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 def class_names_of(obj: Any, num_classes: int | None) -> list[str] | None:
@@ -132,11 +138,8 @@ def class_names_of(obj: Any, num_classes: int | None) -> list[str] | None:
 def _could_be_torch_zip(path: Path) -> bool:
     """False only for a readable zip without torch.save's ``<name>/data.pkl``; a broken zip may be
     a truncated checkpoint."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(name.endswith("/data.pkl") for name in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return True
+    names = _zip_names(path)
+    return names is None or any(name.endswith("/data.pkl") for name in names)
 
 
 def is_state_dict(obj: object) -> bool:

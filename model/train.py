@@ -300,8 +300,8 @@ def train_one_epoch(
         value = float(loss.item())  # the step's host sync (and under DDP one more, just below)
         # Every rank stops together: one that raised alone would leave the others waiting in the gradient
         # all-reduce until the collective timeout. A scalar all-reduce is small beside a ViT step.
-        bad_ranks = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], d)[0] if d.enabled else 0.0
-        if not math.isfinite(value) or bad_ranks:
+        bad_ranks = all_reduce_sum([float(not math.isfinite(value))], d)[0]  # a single process: its own flag
+        if bad_ranks:
             where = (
                 f"loss is {value}" if not math.isfinite(value) else f"the loss of {bad_ranks:.0f} rank(s) is not finite"
             )
