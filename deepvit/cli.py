@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import model.cli
-    import service.cli
+    from deepvit.model import cli as model_cli
+    from deepvit.service import cli as service_cli
 
     parser = argparse.ArgumentParser(prog="deepvit", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    service.cli.register(sub)
-    model.cli.register(sub)
+    service_cli.register(sub)
+    model_cli.register(sub)
     return parser
 
 
@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "model_side", False):
-        import model.cli
+        from deepvit.model import cli as model_cli
 
-        return model.cli.run_handler(args.handler, args)
+        return model_cli.run_handler(args.handler, args)
     return int(args.handler(args))
 
 

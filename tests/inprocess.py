@@ -14,8 +14,8 @@ import numpy as np
 from fastapi import FastAPI
 from PIL import Image
 
-from service.context import AppContext
-from service.repository import ModelVersion
+from deepvit.service.context import AppContext
+from deepvit.service.repository import ModelVersion
 
 
 def grey_png(side: int = 64) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from service.config import Settings
+from deepvit.service.config import Settings
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 

@@ -79,7 +79,7 @@ def _service_missing() -> str | None:
     if not (ROOT / "service" / "app.py").exists():
         return "the service (service/app.py) is not written yet"
     proc = subprocess.run(
-        [sys.executable, "-c", "import service.app"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-c", "import deepvit.service.app"], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["?"]

@@ -292,7 +292,7 @@ def test_settings_are_accepted_by_the_service(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every DEEPVIT_ variable of the ConfigMap names a setting and holds a value Settings accepts."""
-    from service.config import Settings
+    from deepvit.service.config import Settings
 
     settings = _settings_map(rendered[overlay])
     known = {f"DEEPVIT_{name.upper()}" for name in Settings.model_fields}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.atomic import atomic_path, copy_atomic, write_text_atomic
+from deepvit.model.atomic import atomic_path, copy_atomic, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:

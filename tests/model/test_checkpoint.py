@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import (
+from deepvit.model.checkpoint import (
     ArchitectureMismatchError,
     CheckpointError,
     ClassCountMismatchError,
@@ -32,8 +32,8 @@ from model.checkpoint import (
     select_state_dict,
     sha256_of,
 )
-from model.config import DeepViTConfig
-from model.net import DeepViT, build_model
+from deepvit.model.config import DeepViTConfig
+from deepvit.model.net import DeepViT, build_model
 
 REPO = Path(__file__).parents[2]
 

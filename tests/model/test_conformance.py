@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, load_weights
-from model.config import VARIANTS, DeepViTConfig
-from model.net import DeepViT, build_model
+from deepvit.model.checkpoint import load_checkpoint, load_weights
+from deepvit.model.config import VARIANTS, DeepViTConfig
+from deepvit.model.net import DeepViT, build_model
 
 TINY = ("tiny_patch", "tiny_cnn")
 # Parameter counts of the two tiny models built with the official class (conformance README).

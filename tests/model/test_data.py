@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.config import Preprocessing
-from model.datasets import (
+from deepvit.model.config import Preprocessing
+from deepvit.model.datasets import (
     DatasetError,
     artifact_input,
     class_index_map,
@@ -22,8 +22,8 @@ from model.datasets import (
     split_dirs,
     train_transform,
 )
-from model.settings import AugmentRecipe
-from model.synthetic import CLASSES, generate
+from deepvit.model.settings import AugmentRecipe
+from deepvit.model.synthetic import CLASSES, generate
 
 
 def _digest(root: Path) -> str:
@@ -124,8 +124,8 @@ def test_class_index_map_by_name_then_by_order() -> None:
 
 def test_artifact_path_is_the_services_preprocessing(small_shapes: Path, tmp_path: Path) -> None:
     """deepvit evaluate --artifact must see what POST /classify would feed the same artifact."""
-    from service.artifact import PreprocessSpec
-    from service.preprocess import ImageLimits, preprocess
+    from deepvit.service.artifact import PreprocessSpec
+    from deepvit.service.preprocess import ImageLimits, preprocess
 
     pre = Preprocessing(crop_size=32)
     spec = PreprocessSpec(pre.resize_shorter, pre.crop_size, pre.interpolation, pre.mean, pre.std)

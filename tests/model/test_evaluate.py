@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.config import DeepViTConfig
-from model.evaluate import TopK, evaluate_artifact, evaluate_checkpoint
-from model.export import ArtifactInfo, export_artifact
-from model.net import DeepViT
-from model.synthetic import CLASSES
+from deepvit.model.checkpoint import save_checkpoint
+from deepvit.model.config import DeepViTConfig
+from deepvit.model.evaluate import TopK, evaluate_artifact, evaluate_checkpoint
+from deepvit.model.export import ArtifactInfo, export_artifact
+from deepvit.model.net import DeepViT
+from deepvit.model.synthetic import CLASSES
 
 
 def test_topk_counts() -> None:

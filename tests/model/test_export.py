@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import model.verify
-from model.checkpoint import load_checkpoint
-from model.config import DeepViTConfig
-from model.labels import imagenet_labels
-from model.net import DeepViT
-from service.artifact import read_metadata
+import deepvit.model.verify
+from deepvit.model.checkpoint import load_checkpoint
+from deepvit.model.config import DeepViTConfig
+from deepvit.model.labels import imagenet_labels
+from deepvit.model.net import DeepViT
+from deepvit.service.artifact import read_metadata
 
 CNN_LABELS = ["red", "orange", "yellow", "green", "blue", "indigo", "violet"]
 METADATA_KEYS = {
@@ -323,7 +323,7 @@ def test_failing_parity_gate_writes_nothing(
     gate: str,
     failing_value: float,
 ) -> None:
-    monkeypatch.setattr(model.verify, gate, failing_value)
+    monkeypatch.setattr(deepvit.model.verify, gate, failing_value)
     # The model already being served stays untouched: the new file would only appear by a rename.
     out = tmp_path / "models" / "tiny" / "1" / "model.onnx"
     out.parent.mkdir(parents=True)

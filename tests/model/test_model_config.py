@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from model.config import VARIANTS, ConfigError, DeepViTConfig, get_config
+from deepvit.model.config import VARIANTS, ConfigError, DeepViTConfig, get_config
 
 TINY_PATCH: dict[str, Any] = {
     "img_size": 32,

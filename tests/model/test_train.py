@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from model.checkpoint import filter_state_dict, load_weights, read_checkpoint, select_state_dict
-from model.config import DeepViTConfig
-from model.distributed import Dist
-from model.net import DeepViT
-from model.recalibration import reattention_norms, recalibrate_reattention
-from model.recipe import build_optimizer, build_scheduler
-from model.settings import TrainSettings
-from model.synthetic import CLASSES
-from model.train import TrainingError, train
-from model.training_state import build_for_training
+from deepvit.model.checkpoint import filter_state_dict, load_weights, read_checkpoint, select_state_dict
+from deepvit.model.config import DeepViTConfig
+from deepvit.model.distributed import Dist
+from deepvit.model.net import DeepViT
+from deepvit.model.recalibration import reattention_norms, recalibrate_reattention
+from deepvit.model.recipe import build_optimizer, build_scheduler
+from deepvit.model.settings import TrainSettings
+from deepvit.model.synthetic import CLASSES
+from deepvit.model.train import TrainingError, train
+from deepvit.model.training_state import build_for_training
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 import pytest
 
-from model.synthetic import CLASSES
+from deepvit.model.synthetic import CLASSES
 
 # Validation top-1 the trained tiny model must reach. Chance is 1/8 = 12.5%.
 MIN_VAL_TOP1 = 0.90

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.net import DeepViT, build_model
+from deepvit.model.net import DeepViT, build_model
 
 QUANTILES = [0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999]
 

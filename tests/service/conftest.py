@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from inprocess import InProcessApp
 
-from service.app import create_app
-from service.config import Settings
+from deepvit.service.app import create_app
+from deepvit.service.config import Settings
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from service.batcher import (
+from deepvit.service.batcher import (
     Batcher,
     BatcherClosedError,
     BatchFailedError,

@@ -12,7 +12,7 @@ import pytest
 from inprocess import InProcessApp, grey_png, v2_bytes_request
 from serving import metric_samples
 
-from service.errors import InferenceError
+from deepvit.service.errors import InferenceError
 
 
 def _broken_session(batch: np.ndarray) -> np.ndarray:

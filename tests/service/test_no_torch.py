@@ -25,7 +25,7 @@ class _NotInstalled:
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name.split(".")[0] in cls.blocked:
+        if any(name == b or name.startswith(b + ".") for b in cls.blocked):
             raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
         return None
 
@@ -34,20 +34,20 @@ sys.meta_path.insert(0, _NotInstalled)
 
 IMPORT_EVERY_SERVICE_MODULE = """
 import importlib, json, pkgutil
-import service
+import deepvit.service
 
 failures = {{}}
 def record(name):
     failures[name] = repr(sys.exc_info()[1])
 
 names = []
-for info in pkgutil.walk_packages(service.__path__, "service.", onerror=record):
+for info in pkgutil.walk_packages(deepvit.service.__path__, "deepvit.service.", onerror=record):
     names.append(info.name)
     try:
         importlib.import_module(info.name)
     except Exception as exc:
         failures[info.name] = repr(exc)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!r})
+loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in {forbidden!r}))
 print(json.dumps({{"modules": names, "failures": failures, "loaded": loaded}}))
 """
 
@@ -73,7 +73,7 @@ def deepvit_without_torch(*args: object) -> subprocess.CompletedProcess[str]:
 
 
 def import_every_service_module(blocked: tuple[str, ...]) -> dict[str, object]:
-    forbidden = ("torch", "model")
+    forbidden = ("torch", "deepvit.model")
     proc = python(BLOCKER.format(blocked=blocked) + IMPORT_EVERY_SERVICE_MODULE.format(forbidden=forbidden))
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,11 +87,11 @@ def test_blocker_really_blocks() -> None:
 
 
 def test_every_service_module_imports_with_torch_and_model_blocked() -> None:
-    result = import_every_service_module((*TRAIN_EXTRA, "model"))
+    result = import_every_service_module((*TRAIN_EXTRA, "deepvit.model"))
     assert result["failures"] == {}
     modules = result["modules"]
     assert isinstance(modules, list)
-    assert {"service.artifact", "service.cli", "service.errors"} <= set(modules)
+    assert {"deepvit.service.artifact", "deepvit.service.cli", "deepvit.service.errors"} <= set(modules)
 
 
 def test_service_does_not_import_torch_even_when_it_is_installed() -> None:

@@ -17,9 +17,9 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
-from service.oip import codec, inference
-from service.oip.inference import (
+from deepvit.service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
+from deepvit.service.oip import codec, inference
+from deepvit.service.oip.inference import (
     Decoded,
     Images,
     Limits,
@@ -32,8 +32,8 @@ from service.oip.inference import (
     read_images,
     wanted_outputs,
 )
-from service.oip.schemas import InferenceRequest
-from service.postprocess import softmax
+from deepvit.service.oip.schemas import InferenceRequest
+from deepvit.service.postprocess import softmax
 
 CROP = 8
 LABELS = ("cat", "dog", "tabby:cat", "ship", "plane")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from service.artifact import PreprocessSpec
-from service.errors import BadRequestError, PayloadTooLargeError
-from service.preprocess import ImageLimits, PixelBudget, decode, preprocess
+from deepvit.service.artifact import PreprocessSpec
+from deepvit.service.errors import BadRequestError, PayloadTooLargeError
+from deepvit.service.preprocess import ImageLimits, PixelBudget, decode, preprocess
 
 torchvision = pytest.importorskip("torchvision")
 T = torchvision.transforms

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from serving import metric_samples
 
-from service.config import Settings
-from service.errors import ArtifactError
-from service.metrics import Metrics
-from service.repository import ModelManager
-from service.runtime import LoadCancelledError, ModelRuntime
+from deepvit.service.config import Settings
+from deepvit.service.errors import ArtifactError
+from deepvit.service.metrics import Metrics
+from deepvit.service.repository import ModelManager
+from deepvit.service.runtime import LoadCancelledError, ModelRuntime
 
 
 def _repo(tmp_path: Path, artifact: Path) -> Path:

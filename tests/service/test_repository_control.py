@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.app import create_app
-from service.config import Settings
+from deepvit.service.app import create_app
+from deepvit.service.config import Settings
 
 
 def post(settings: Settings, paths: list[str], loaded: bool = True) -> list[httpx.Response]:

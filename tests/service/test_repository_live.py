@@ -28,13 +28,13 @@ import tritonclient.http.aio as aio
 from serving import DATA, Server, export_tiny, metric_samples, running_server
 from tritonclient.utils import InferenceServerException
 
-from service.batcher import Batcher, BatcherClosedError
-from service.config import Settings
-from service.context import AppContext
-from service.errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
-from service.live_repository import LiveRepository, plan_loads, plan_unloads
-from service.metrics import Metrics
-from service.repository import ModelManager, ModelVersion, artifact_signature, scan_repository
+from deepvit.service.batcher import Batcher, BatcherClosedError
+from deepvit.service.config import Settings
+from deepvit.service.context import AppContext
+from deepvit.service.errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
+from deepvit.service.live_repository import LiveRepository, plan_loads, plan_unloads
+from deepvit.service.metrics import Metrics
+from deepvit.service.repository import ModelManager, ModelVersion, artifact_signature, scan_repository
 
 # -- what a poll decides ------------------------------------------------------------------------------
 A, B, C = (1, 100), (2, 100), (3, 200)  # (mtime_ns, size) signatures

@@ -69,9 +69,9 @@ def reference_top5(photo: Path) -> list[int]:
     torch = pytest.importorskip("torch")
     from torchvision import transforms as T
 
-    from model.checkpoint import load_checkpoint
-    from model.config import DeepViTConfig
-    from model.net import DeepViT
+    from deepvit.model.checkpoint import load_checkpoint
+    from deepvit.model.config import DeepViTConfig
+    from deepvit.model.net import DeepViT
 
     cfg = DeepViTConfig.from_json(DATA / "tiny_cnn.json")
     net = DeepViT(cfg).eval()

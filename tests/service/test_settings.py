@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, parse_version_policy, unknown_environment
+from deepvit.service.config import Settings, parse_version_policy, unknown_environment
 
 
 def test_defaults_are_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
