@@ -52,8 +52,8 @@ serve: default-model
 	$(BIN)/deepvit serve --model-repository $(MODEL_REPOSITORY) --host $(HOST) --port $(PORT)
 
 lint: dev
-	$(BIN)/ruff check deepvit model service tests
-	$(BIN)/ruff format --check deepvit model service tests
+	$(BIN)/ruff check deepvit model service bench tests
+	$(BIN)/ruff format --check deepvit model service bench tests
 	$(BIN)/mypy deepvit
 
 pytest: dev tools
@@ -80,7 +80,7 @@ DEMO_TRAIN_ARGS := --epochs 50 --batch-size 32 --lr 1e-3 --warmup-epochs 4 --mix
 .PHONY: demo
 demo: dev
 	rm -rf $(DEMO_DIR)
-	$(BIN)/python -m deepvit.model.synthetic --output $(DEMO_DIR)/data
+	$(BIN)/python -m deepvit.model.training.synthetic --output $(DEMO_DIR)/data
 	$(BIN)/deepvit train --data $(DEMO_DIR)/data --model-config tests/data/tiny_shapes.json --output $(DEMO_DIR)/run $(DEMO_TRAIN_ARGS)
 	$(BIN)/deepvit export --model-config $(DEMO_DIR)/run/model_config.json --checkpoint $(DEMO_DIR)/run/best.pth.tar \
 	  --labels $(DEMO_DIR)/run/labels.txt --name shapes --output $(DEMO_DIR)/models/shapes/1/model.onnx

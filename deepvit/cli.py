@@ -7,6 +7,7 @@ import it when they run and say which extra to install when it is missing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepvit", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     service_cli.register(sub)
+    if importlib.util.find_spec("deepvit.bench") is not None:  # a checkout: bench/ is tooling, not installed
+        from deepvit.bench import cli as bench_cli
+
+        bench_cli.register(sub)
     model_cli.register(sub)
     return parser
 

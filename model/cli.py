@@ -51,9 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--ema", action="store_true")
     p.set_defaults(handler=_verify, model_side=True)
 
-    from . import train_cli  # train, evaluate
+    from .training import cli as training_cli  # train, evaluate
 
-    train_cli.register(sub)
+    training_cli.register(sub)
 
 
 def run_handler(handler: Any, args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def run_handler(handler: Any, args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .labels import LabelsError
-    from .verify import ParityError
+    from .parity import ParityError
 
     try:
         return int(handler(args))
@@ -147,37 +147,32 @@ def _export(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import json
 
-    import onnx
+    from deepvit.artifact import ArtifactError
+    from deepvit.artifact.session import read_metadata
 
     from .checkpoint import load_checkpoint
     from .config import DeepViTConfig
     from .export import ImageClassifier
     from .net import DeepViT
-    from .verify import check_parity
+    from .parity import check_parity
 
     try:
-        proto = onnx.load(str(args.artifact), load_external_data=False)
-    except Exception as exc:  # missing, unreadable, or not an ONNX protobuf: onnx raises many types
-        raise SystemExit(f"deepvit verify: {args.artifact} cannot be read as an ONNX model ({exc})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if "deepvit.config" not in meta:
-        raise SystemExit(f"deepvit verify: {args.artifact} has no deepvit metadata; was it made by deepvit export?")
+        meta = read_metadata(args.artifact)
+    except ArtifactError as exc:  # missing, not ONNX, or not made by deepvit export
+        raise SystemExit(f"deepvit verify: {exc.message}") from None
+    if not meta.config:
+        raise SystemExit(f"deepvit verify: {args.artifact} records no model config; re-export it with deepvit export")
     if args.arch or args.model_config:
         arch, cfg = _config(args)
-        cfg = cfg.replace(num_classes=int(meta["deepvit.num_classes"]))
+        cfg = cfg.replace(num_classes=meta.num_classes)
     else:
-        arch, cfg = (
-            meta.get("deepvit.arch", "custom"),
-            DeepViTConfig.from_dict(json.loads(meta["deepvit.config"])),
-        )
+        arch, cfg = meta.arch, DeepViTConfig.from_dict(meta.config)
     model = DeepViT(cfg).eval()
     sha = load_checkpoint(model, args.checkpoint, "ema" if args.ema else "state_dict", arch)
-    recorded = meta.get("deepvit.checkpoint_sha256", "")
+    recorded = meta.checkpoint_sha256
     if recorded and recorded != sha:
         _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
-    report = check_parity(
-        ImageClassifier(model).eval(), str(args.artifact), meta.get("deepvit.precision", "fp32"), cfg.img_size
-    )
+    report = check_parity(ImageClassifier(model).eval(), str(args.artifact), meta.precision, cfg.img_size)
     print(json.dumps(report.to_dict(), indent=2))
     if not report.passed:
         _log(f"parity FAILED: {report.summary()}")

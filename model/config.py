@@ -13,37 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from deepvit.artifact import PreprocessSpec
+
 PatchEmbedKind = Literal["conv", "cnn"]
 
 
 class ConfigError(ValueError):
     """A model configuration that cannot describe a DeepViT."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The evaluation transform the official code uses (DeiT style): resize, centre crop, normalise."""
-
-    crop_size: int = 224
-    crop_pct: float = 0.9
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-    @property
-    def resize_shorter(self) -> int:
-        # timm's transforms_factory: scale_size = floor(img_size / crop_pct); 224 / 0.9 -> 248.
-        return int(self.crop_size / self.crop_pct)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "resize_shorter": self.resize_shorter,
-            "crop_size": self.crop_size,
-            "crop_pct": self.crop_pct,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
 
 
 @dataclass(frozen=True)
@@ -104,8 +80,10 @@ class DeepViTConfig:
         return (self.img_size // self.patch_size) ** 2
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(crop_size=self.img_size, crop_pct=self.crop_pct)
+    def preprocessing(self) -> PreprocessSpec:
+        """The official evaluation transform (DeiT style): shorter side to int(img_size / crop_pct), bicubic,
+        centre crop, mean = std = 0.5."""
+        return PreprocessSpec.from_crop_pct(self.img_size, self.crop_pct)
 
     def replace(self, **changes: Any) -> DeepViTConfig:
         return dataclasses.replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Export a DeepViT to the one self-describing artifact the service loads (see DESIGN.md, section 1).
+"""Export a DeepViT to the one self-describing artifact the service loads (``deepvit.artifact``).
 
 The graph takes ``uint8 [N, crop, crop, 3]`` RGB and does cast, normalisation and NHWC→NCHW itself, so a
 client or the service only resizes and crops. ``metadata_props`` carry everything the service needs.
@@ -8,7 +8,6 @@ The parity gate runs before anything is written; the file appears by an atomic r
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,16 +17,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from deepvit.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+
 from .atomic import atomic_path
 from .config import DeepViTConfig
 from .net import DeepViT
-from .verify import PARITY_BATCH_SIZES, ParityError, ParityReport, check_parity
+from .parity import PARITY_BATCH_SIZES, ParityError, ParityReport, check_parity
 
 Precision = Literal["fp32", "fp16"]
 WeightsSource = Literal["state_dict", "ema", "random_init"]
-SCHEMA_VERSION = "1"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 OPSET = 18
 
 
@@ -64,24 +62,21 @@ class ArtifactInfo:
     checkpoint_sha256: str | None
     precision: Precision
 
-    def metadata(self, parity: ParityReport) -> dict[str, str]:
-        pre = self.config.preprocessing.to_dict()
-        pre.update({"input_layout": "NHWC", "input_dtype": "uint8", "color": "RGB"})
-        return {
-            "deepvit.schema": SCHEMA_VERSION,
-            "deepvit.name": self.name,
-            "deepvit.arch": self.arch,
-            "deepvit.config": json.dumps(self.config.to_dict()),
-            "deepvit.num_classes": str(self.config.num_classes),
-            "deepvit.labels": json.dumps(self.labels),
-            "deepvit.preprocessing": json.dumps(pre),
-            "deepvit.weights": self.weights,
-            "deepvit.checkpoint_sha256": self.checkpoint_sha256 or "",
-            "deepvit.precision": self.precision,
-            "deepvit.parity": json.dumps(parity.to_dict()),
-            "deepvit.versions": json.dumps(tool_versions()),
-            "deepvit.exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
+    def metadata(self, parity: ParityReport) -> ArtifactMetadata:
+        return ArtifactMetadata(
+            name=self.name,
+            arch=self.arch,
+            num_classes=self.config.num_classes,
+            labels=tuple(self.labels),
+            preprocess=self.config.preprocessing,
+            weights=self.weights,
+            precision=self.precision,
+            checkpoint_sha256=self.checkpoint_sha256 or "",
+            config=self.config.to_dict(),
+            parity=parity.to_dict(),
+            versions=tool_versions(),
+            exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
 
 
 def tool_versions() -> dict[str, str]:
@@ -145,7 +140,7 @@ def export_artifact(
     proto.producer_name = "deepvit-serve"
     proto.doc_string = f"DeepViT {info.arch} ImageNet-style classifier exported by deepvit-serve"
     del proto.metadata_props[:]
-    for key, value in info.metadata(report).items():
+    for key, value in info.metadata(report).to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     with atomic_path(output) as tmp:

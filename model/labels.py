@@ -14,7 +14,7 @@ class LabelsError(ValueError):
 
 def imagenet_labels() -> list[str]:
     # The 1000 ImageNet-1k class names in class-index order (as torchvision's weight metadata lists them).
-    text = resources.files("model").joinpath("data/imagenet1k_labels.txt").read_text(encoding="utf-8")
+    text = resources.files("deepvit.model").joinpath("data/imagenet1k_labels.txt").read_text(encoding="utf-8")
     return text.splitlines()
 
 

@@ -17,10 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings
 from .context import AppContext
 from .errors import ArtifactError, DeadlineExceededError, ServiceError, UnavailableError
-from .live_repository import LiveRepository
+from .inference import InferencePipeline
 from .metrics import Metrics
 from .middleware import RequestMiddleware
-from .repository import ModelManager
+from .models.manager import ModelManager
+from .models.sync import RepositorySync
 from .routes import classify, health, oip
 from .runtime import GpuRequiredError, LoadCancelledError
 
@@ -78,8 +79,15 @@ def create_app(
     metrics = metrics or Metrics()
     manager = manager or ModelManager(settings, metrics)
     pool = ThreadPoolExecutor(max_workers=settings.decode_threads or (os.cpu_count() or 2), thread_name_prefix="decode")
-    repository = LiveRepository(manager)
-    ctx = AppContext(settings=settings, metrics=metrics, models=manager, decode_pool=pool, repository=repository)
+    repository = RepositorySync(manager)
+    ctx = AppContext(
+        settings=settings,
+        metrics=metrics,
+        models=manager,
+        decode_pool=pool,
+        repository=repository,
+        pipeline=InferencePipeline(settings, manager, metrics, pool),
+    )
 
     async def load() -> None:
         try:

@@ -5,8 +5,9 @@ Requests arriving together are merged into one ``predict`` call of at most ``max
 waiting at most ``max_delay_s`` after the first item. While a batch computes (off the event loop, in the
 injected executor), the next one keeps collecting; it is dispatched as soon as the compute slot frees.
 The queue is bounded (``QueueFullError`` at once when full). Every item carries a deadline on the
-monotonic clock: one that expires while queued fails with ``DeadlineExceededError`` and is never
-computed. A failing batch fails its own items only, and the loop goes on.
+monotonic clock: one that expires while queued fails with ``ExpiredError`` and is never
+computed. A failing batch fails its own items only, each with the exception ``predict`` raised (a wrong
+number of results is a ``BatchFailedError``), and the loop goes on.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ class QueueFullError(Exception):
     pass
 
 
-class DeadlineExceededError(Exception):
-    pass
+class ExpiredError(Exception):
+    """The item's deadline passed while it was queued: it was never computed."""
 
 
 class BatchFailedError(Exception):
-    """The batch this item was in failed; ``__cause__`` holds why."""
+    """``predict`` answered a batch with the wrong number of results."""
 
 
 class BatcherClosedError(Exception):
@@ -199,7 +200,7 @@ class Batcher(Generic[T, R]):
                 return await entry.future
             entry.expired = True
             entry.future.cancel()
-            raise DeadlineExceededError(
+            raise ExpiredError(
                 f"the request's deadline passed after {self._clock() - entry.enqueued:.3f}s in the queue"
             ) from None
 
@@ -249,7 +250,7 @@ class Batcher(Generic[T, R]):
     @staticmethod
     def _expire(e: _Entry[T, R]) -> None:
         e.expired = True
-        e.future.set_exception(DeadlineExceededError("the request's deadline passed while queued"))
+        e.future.set_exception(ExpiredError("the request's deadline passed while queued"))
 
     def _live_head(self) -> bool:
         self._drop_dead_head()
@@ -287,14 +288,14 @@ class Batcher(Generic[T, R]):
         try:
             results = await loop.run_in_executor(self._executor, self._predict, [e.item for e in batch])
             if len(results) != len(batch):
-                raise RuntimeError(f"predict returned {len(results)} results for {len(batch)} inputs")
+                raise BatchFailedError(
+                    f"inference failed: predict returned {len(results)} results for {len(batch)} inputs"
+                )
         except Exception as exc:
             log.exception("batch of %d failed on %s", len(batch), self.name)
             for e in batch:
                 if not e.future.done():
-                    err = BatchFailedError(f"inference failed: {type(exc).__name__}: {exc}")
-                    err.__cause__ = exc
-                    e.future.set_exception(err)
+                    e.future.set_exception(exc)  # every item of the batch fails with what failed it
         else:
             for e, r in zip(batch, results, strict=True):
                 if not e.future.done():

@@ -17,17 +17,6 @@ def register(sub: Any) -> None:
     p.add_argument("--default-model", help="model that /classify uses when none is named")
     p.set_defaults(handler=_serve)
 
-    p = sub.add_parser("bench", help="benchmark table: ONNX Runtime, in-process pipeline, HTTP under hey")
-    p.add_argument("--model-repository", type=Path, default=Path("models"))
-    p.add_argument("--model", help="model name (default: the first in the repository)")
-    p.add_argument("--photos", type=Path, default=Path("tests/data/photos"), help="folder of *.jpg photographs")
-    p.add_argument("--output", type=Path, default=Path("bench/results"), help="writes <output>/<model>.md")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
-    p.add_argument("--min-time", type=float, default=3.0, help="seconds per in-process measurement")
-    p.set_defaults(handler=_bench)
-
     p = sub.add_parser("inspect", help="print an artifact's metadata for a person (or --json)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -56,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"deepvit serve: invalid settings (DEEPVIT_* environment): {exc}", file=sys.stderr)
         return 2
-    from .repository import scan_repository
+    from .models.disk import scan_repository
 
     if not scan_repository(settings.model_repository):
         print(
@@ -79,26 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
     return run(settings)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
-
-    table = run_bench(
-        args.model_repository,
-        args.model,
-        args.photos,
-        args.output,
-        concurrencies=args.concurrency,
-        batch_sizes=args.batch_sizes,
-        duration_s=args.duration,
-        min_time_s=args.min_time,
-    )
-    print(table)
-    return 0
-
-
 def _inspect(args: argparse.Namespace) -> int:
-    from .artifact import read_metadata
-    from .errors import ArtifactError
+    from deepvit.artifact import ArtifactError
+    from deepvit.artifact.session import read_metadata
 
     try:
         meta = read_metadata(args.artifact)

@@ -6,13 +6,24 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
 from .config import Settings
-from .live_repository import LiveRepository
+from .inference import InferencePipeline
 from .metrics import Metrics
-from .repository import ModelManager
+from .models.manager import ModelManager
+from .models.sync import RepositorySync
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the server takes traffic, and if not why: what /readyz and /v2/health/ready both answer."""
+
+    ready: bool
+    reason: str | None  # None when ready
+    models: list[dict[str, Any]]  # each served version's name, version and state
 
 
 @dataclass(eq=False)
@@ -21,7 +32,8 @@ class AppContext:
     metrics: Metrics
     models: ModelManager
     decode_pool: ThreadPoolExecutor
-    repository: LiveRepository  # polling and explicit load/unload over ``models``
+    repository: RepositorySync  # polling and explicit load/unload over ``models``
+    pipeline: InferencePipeline  # the one request pipeline every front end calls
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (probes included)
     last_arrival: float = field(default_factory=time.monotonic)  # of a request other than a probe
@@ -29,6 +41,33 @@ class AppContext:
     shutdown_budget_s: float = 30.0  # what the drain left of the grace period for releasing models
     # /v2 inference requests decompressed and decoded at once (in decode_pool): bounds their memory
     v2_decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+
+    def readiness(self) -> Readiness:
+        m = self.models
+        models = [{"name": mv.name, "version": mv.version, "state": mv.state} for mv in m.all_versions()]
+        if self.draining:
+            reason = "draining: the server is shutting down"
+        elif self.startup_error:
+            reason = f"start-up failed: {self.startup_error}"
+        elif not m.ready:
+            loading = not m.loaded or bool(m.in_transition())
+            reason = "models are loading and warming up" if loading else "no model is loaded (all were unloaded)"
+        else:
+            return Readiness(True, None, models)
+        return Readiness(False, reason, models)
+
+    def explicitly_empty(self) -> bool:
+        """Started, serving nothing, nothing loading, and models come by request (repository control on):
+        ready in Triton's explicit mode."""
+        m = self.models
+        return (
+            self.settings.repository_control
+            and m.loaded
+            and not m.names()
+            and not m.in_transition()
+            and not self.draining
+            and not self.startup_error
+        )
 
     async def drain(self, grace_s: float, quiet_s: float = 1.0) -> bool:
         """Refuse new work and wait for accepted requests to be answered, then for ``quiet_s`` without new

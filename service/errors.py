@@ -1,9 +1,10 @@
-"""The service's error tree. Third-party exceptions are translated into these once, at the boundary
-where they arise (Pillow in preprocess, ONNX Runtime in runtime, the queue in batcher); only the app's
-exception handlers turn them into HTTP statuses, each with a JSON ``{"error": ...}`` a caller can act on.
+"""The service's error tree. Third-party exceptions and the artifact contract's image errors are translated
+into these once, at the boundary where they arise (the pixel path in the pipeline, ONNX Runtime in runtime,
+the queue in batcher); only the app's exception handlers turn them into HTTP statuses, each with a JSON
+``{"error": ...}`` a caller can act on. A model file that cannot be served is the contract's
+``ArtifactError`` (start-up and repository only, never an HTTP answer).
 
     ServiceError
-    ├── ArtifactError            a model file that cannot be served (start-up / repository; not HTTP)
     ├── RequestError             the caller's fault                                      4xx
     │   ├── BadRequestError      undecodable image, bad parameter                         400
     │   ├── ForbiddenError       an operation this server's settings do not allow         403
@@ -17,6 +18,22 @@ exception handlers turn them into HTTP statuses, each with a JSON ``{"error": ..
 
 from __future__ import annotations
 
+from deepvit.artifact.errors import ArtifactError
+
+__all__ = [
+    "ArtifactError",
+    "BadRequestError",
+    "DeadlineExceededError",
+    "ForbiddenError",
+    "InferenceError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "RequestError",
+    "ServiceError",
+    "UnavailableError",
+    "UnsupportedMediaTypeError",
+]
+
 
 class ServiceError(Exception):
     status = 500
@@ -24,10 +41,6 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class ArtifactError(ServiceError):
-    pass
 
 
 class RequestError(ServiceError):

@@ -1,6 +1,6 @@
 """Prometheus metrics in an explicit registry (no global state, so tests and several apps don't collide).
 
-Names and labels are a contract (DESIGN.md, section 4): dashboards and alerts use them. Buckets are
+Names and labels are a contract (docs/architecture.md, Metrics): dashboards and alerts use them. Buckets are
 chosen for this workload: preprocessing and CPU/GPU batches run from sub-millisecond to seconds.
 """
 

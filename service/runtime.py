@@ -1,7 +1,7 @@
 """One ONNX Runtime session per model version: providers, the CUDA→CPU fallback check, warm-up.
 
-ONNX Runtime falls back from CUDA to CPU silently when the CUDA libraries are missing; the only trustworthy
-answer is ``session.get_providers()`` after creation, which is what ``provider`` reports.
+The session is built by the artifact contract (:func:`deepvit.artifact.session.open_session`); ONNX Runtime
+falls back from CUDA to CPU silently, so ``provider`` reports ``session.get_providers()`` after creation.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import ArtifactMetadata, parse_metadata
+from deepvit.artifact import ArtifactError, ArtifactMetadata
+from deepvit.artifact.session import metadata_of, open_session
+
 from .config import Settings
-from .errors import ArtifactError, InferenceError
+from .errors import InferenceError
 
 log = logging.getLogger("deepvit.runtime")
 
@@ -73,31 +75,20 @@ class ModelRuntime:
         if "cuda" in settings.providers:
             _preload_cuda_libraries(ort)
         self.path = Path(path)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = settings.intra_op_threads
-        opts.inter_op_num_threads = settings.inter_op_threads
-        requested = settings.ort_providers()
-        available = set(ort.get_available_providers())
-        usable = [p for p in requested if (p[0] if isinstance(p, tuple) else p) in available]
-        if not usable:
-            usable = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=usable)
-        except Exception as exc:  # onnxruntime's exception types are not part of its public API
-            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load it: {first}") from None
-        self.meta: ArtifactMetadata = parse_metadata(
-            dict(self.session.get_modelmeta().custom_metadata_map), str(self.path)
+        self.session = open_session(
+            self.path,
+            settings.ort_providers(),
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
         )
+        self.meta: ArtifactMetadata = metadata_of(self.session, str(self.path))
         self.provider = str(self.session.get_providers()[0])
         self.wanted_cuda = "cuda" in settings.providers
         if self.wanted_cuda and self.provider != "CUDAExecutionProvider":
             msg = (
                 f"{self.path}: CUDA was requested but ONNX Runtime runs this model on {self.provider} "
-                f"(available providers: {sorted(available)}); check the GPU, the driver and the CUDA/cuDNN "
-                "libraries onnxruntime-gpu needs"
+                f"(available providers: {sorted(ort.get_available_providers())}); check the GPU, the driver and "
+                "the CUDA/cuDNN libraries onnxruntime-gpu needs"
             )
             if settings.require_gpu:
                 raise GpuRequiredError(msg + "; DEEPVIT_REQUIRE_GPU=true makes this fatal")
@@ -129,7 +120,7 @@ class ModelRuntime:
         try:
             out = self.session.run(None, {self.input_name: batch})[0]
         except Exception as exc:
-            raise InferenceError(f"ONNX Runtime failed on a batch of {len(batch)}: {exc}") from exc
+            raise InferenceError(f"inference failed in ONNX Runtime on a batch of {len(batch)}: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:

@@ -1,15 +1,20 @@
 """Fixtures shared by the model and service suites: the test data, the ``deepvit`` command run
-in-process, and one artifact exported from an official checkpoint."""
+in-process, one artifact exported from an official checkpoint, and the app serving it in process."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from inprocess import InProcessApp
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -64,3 +69,21 @@ def exported_tiny_patch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.code == 0, result.stderr
     return out
+
+
+@pytest.fixture
+def tiny_app(exported_tiny_patch: Path, tmp_path: Path) -> Iterator[InProcessApp]:
+    """The app (in process, no socket) over a repository holding the exported tiny_patch as ``tiny`` v1."""
+    from inprocess import InProcessApp
+
+    from deepvit.service.app import create_app
+    from deepvit.service.config import Settings
+
+    artifact = tmp_path / "repo" / "tiny" / "1" / "model.onnx"
+    artifact.parent.mkdir(parents=True)
+    shutil.copy(exported_tiny_patch, artifact)
+    app = create_app(Settings(model_repository=tmp_path / "repo", providers=["cpu"], warmup=False))
+    try:
+        yield InProcessApp(app, app.state.ctx, artifact)
+    finally:
+        app.state.ctx.decode_pool.shutdown()

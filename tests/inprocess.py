@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from deepvit.service.context import AppContext
-from deepvit.service.repository import ModelVersion
+from deepvit.service.models.manager import ModelVersion
 
 
 def grey_png(side: int = 64) -> bytes:

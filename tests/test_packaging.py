@@ -47,9 +47,16 @@ def test_the_wheel_holds_the_deepvit_namespace_only(wheel: Path) -> None:
         assert zf.read(info).decode().split() == ["deepvit"]
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"deepvit"}
-    # The design card's folders are its subpackages, with their data.
-    for name in ("deepvit/model/net.py", "deepvit/service/app.py", "deepvit/model/data/imagenet1k_labels.txt"):
-        assert name in names
+    # The design card's folders are its subpackages, with their data: every module of the tree is there.
+    sources = {f"deepvit/{p.relative_to(ROOT / 'deepvit').as_posix()}" for p in (ROOT / "deepvit").rglob("*.py")}
+    for folder in ("model", "service"):
+        sources |= {
+            f"deepvit/{folder}/{p.relative_to(ROOT / folder).as_posix()}" for p in (ROOT / folder).rglob("*.py")
+        }
+    sources.add("deepvit/model/data/imagenet1k_labels.txt")
+    assert sources <= set(names), (
+        f"not in the wheel (add the package to pyproject.toml): {sorted(sources - set(names))}"
+    )
 
 
 def test_after_install_model_and_service_are_not_importable(wheel: Path, tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from deepvit.artifact.pixels import FORMATS_TEXT
+from deepvit.artifact.predictions import softmax
+
 from ..errors import BadRequestError, PayloadTooLargeError
-from ..postprocess import softmax
-from ..preprocess import FORMATS_TEXT
-from ..repository import ModelVersion
+from ..models.manager import ModelVersion
 from .codec import BinaryData, decode_tensor, decompress, encode_response, encode_tensor, split_body
 from .schemas import InferenceRequest, ModelMetadata, Parameters, RequestInput, TensorMetadata
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -11,10 +10,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from deepvit.artifact.predictions import top_k as top_k_of
+
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from ..postprocess import top_k as top_k_of
-from .pipeline import admit, infer_images, preprocess_all
 from .responses import error_responses
 
 router = APIRouter(tags=["classification"])
@@ -116,29 +115,17 @@ async def classify(
             f"content type {media or '(none)'!r} is not supported; send the image bytes with Content-Type "
             "image/jpeg (or image/png, application/octet-stream), or multipart/form-data with 'file' parts"
         )
-    # Resolved without a lease while the body uploads and decodes (a slow upload holds up no swap); the lease
-    # keeps the version serving from submission until the answer is in, even if a newer one replaces it.
-    mv = ctx.models.resolve(model, version)
-    n_classes = mv.runtime.meta.num_classes
+    call = ctx.pipeline.begin(model, version)
+    n_classes = call.model.runtime.meta.num_classes
     if top_k > n_classes:
         raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
-    admit(ctx, mv)
-    if multipart:
-        blobs = await read_parts(request, ctx)
-        if mv.state == "ready":  # else replaced meanwhile: the successor's batcher answers at submission
-            admit(ctx, mv, len(blobs))
-    else:
-        blobs = [(None, await request.body())]
-    # The deadline counts from a complete body: a slow upload is the client's link, not a queue to report.
-    started = time.monotonic()
-    images = await preprocess_all(ctx, mv, blobs, started + ctx.settings.request_timeout_s)
-    with ctx.models.lease_for(mv, model, version) as mv:
-        preds = await infer_images(ctx, mv, images, started)
-    request.state.log.update(
-        model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)
-    )
+    blobs = await read_parts(request, ctx) if multipart else [(None, await request.body())]
+    call.received(len(blobs))
+    answer = await call.classify(blobs)
+    request.state.log.update(answer.log_fields())
+    mv = answer.model
     ref = ModelRef(name=mv.name, version=mv.version)
-    scored = [[ScoredClass(**s) for s in top_k_of(p.logits, top_k, mv.labels)] for p in preds]
+    scored = [[ScoredClass(**s) for s in top_k_of(p.logits, top_k, mv.labels)] for p in answer.predictions]
     if not multipart:
         return ClassifyResponse(model=ref, predictions=scored[0])
     return MultiClassifyResponse(

@@ -21,22 +21,11 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz", summary="200 only when every model is loaded and warmed and the server is not draining")
 async def readyz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONResponse:
-    models = [
-        {"name": mv.name, "version": mv.version, "state": mv.state}
-        for versions in ctx.models.models.values()
-        for mv in versions.values()
-    ]
-    if ctx.draining:
-        reason = "draining: the server is shutting down"
-    elif ctx.startup_error:
-        reason = f"start-up failed: {ctx.startup_error}"
-    elif not ctx.models.ready:
-        loading = not ctx.models.loaded or ctx.models.loading
-        reason = "models are loading and warming up" if loading else "no model is loaded (all were unloaded)"
-    else:
-        return JSONResponse({"status": "ready", "models": models})
+    r = ctx.readiness()
+    if r.ready:
+        return JSONResponse({"status": "ready", "models": r.models})
     return JSONResponse(
-        {"status": "not_ready", "error": reason, "models": models},
+        {"status": "not_ready", "error": r.reason, "models": r.models},
         status_code=503,
         headers={"Retry-After": "1"},
     )
@@ -49,16 +38,14 @@ async def metrics(ctx: Annotated[AppContext, Depends(get_context)]) -> Response:
 
 @router.get("/models", summary="Served models and what their artifacts say about themselves")
 async def models(ctx: Annotated[AppContext, Depends(get_context)]) -> dict[str, Any]:
-    out = []
-    for versions in ctx.models.models.values():
-        for mv in sorted(versions.values(), key=lambda m: m.version):
-            out.append(
-                {
-                    "name": mv.name,
-                    "version": mv.version,
-                    "state": mv.state,
-                    "provider": mv.runtime.provider,
-                    "metadata": mv.runtime.meta.to_public_dict(),
-                }
-            )
+    out = [
+        {
+            "name": mv.name,
+            "version": mv.version,
+            "state": mv.state,
+            "provider": mv.runtime.provider,
+            "metadata": mv.runtime.meta.to_public_dict(),
+        }
+        for mv in ctx.models.all_versions()
+    ]
     return {"default_model": ctx.models.default_model(), "models": out}

@@ -12,19 +12,14 @@ Load and unload change what serves, and have no authentication of their own: the
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from typing import Annotated, Any, TypeVar
 
-import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, ForbiddenError
-from ..errors import DeadlineExceededError as DeadlineError
 from ..oip.codec import HEADER_LENGTH
 from ..oip.inference import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
 from ..oip.schemas import (
@@ -38,8 +33,6 @@ from ..oip.schemas import (
     ServerLive,
     ServerMetadata,
 )
-from .health import readyz
-from .pipeline import admit, infer_images, preprocess_all
 from .responses import error_responses
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
@@ -85,30 +78,22 @@ async def server_live() -> ServerLive:
 async def server_ready(ctx: Ctx) -> JSONResponse:
     """The protocol's ``{"ready": bool}`` (clients read that key), with /readyz's details alongside. With
     repository control on, no model loaded is ready too (Triton's explicit mode): models come by request."""
-    answer = await readyz(ctx)
-    body: dict[str, Any] = json.loads(bytes(answer.body))
-    m = ctx.models
-    explicit = (
-        ctx.settings.repository_control
-        and m.loaded
-        and not m.models
-        and not ctx.draining
-        and not ctx.startup_error
-        and not m.loading
-    )
-    if explicit:
+    if ctx.explicitly_empty():
         return JSONResponse({"ready": True, "status": "ready", "models": []})
+    r = ctx.readiness()
+    if r.ready:
+        return JSONResponse({"ready": True, "status": "ready", "models": r.models})
     return JSONResponse(
-        {"ready": answer.status_code == 200, **body},
-        status_code=answer.status_code,
-        headers={k: v for k, v in answer.headers.items() if k.lower() == "retry-after"},
+        {"ready": False, "status": "not_ready", "error": r.reason, "models": r.models},
+        status_code=503,
+        headers={"Retry-After": "1"},
     )
 
 
 # -- models -----------------------------------------------------------------------------------------
 def _metadata(ctx: AppContext, name: str, version: int | None) -> ModelMetadata:
     mv = ctx.models.resolve(name, version)
-    return model_metadata(mv, sorted(ctx.models.models.get(name, {})))
+    return model_metadata(mv, sorted(ctx.models.versions(name)))
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS, summary="Model metadata")
@@ -162,37 +147,24 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
-    # Resolved without a lease (404 and 503 at once): the lease is taken around the inference only, so a slow
-    # upload holds up no swap or unload.
-    mv = ctx.models.resolve(name, version)
-    admit(ctx, mv)  # a full queue: refused before the body is read
-    io = ModelIO.of(mv)
+    call = ctx.pipeline.begin(name, version)  # 404 and 503 at once; a full queue before the body is read
+    io = ModelIO.of(call.model)
     body = await request.body()
-    started = time.monotonic()  # the deadline counts from a complete body, as on /classify
-    deadline = started + ctx.settings.request_timeout_s
+    call.received()
     limits = Limits(ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request)
     encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
     async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
-        if time.monotonic() > deadline:
-            raise DeadlineError("the request's deadline passed before it was decoded; the server is overloaded")
-        loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(ctx.decode_pool, decode_request, body, encoding, header_length, io, limits)
+        decoded = await call.offload(decode_request, body, encoding, header_length, io, limits)
     del body
-    if mv.state == "ready":  # else replaced while the body came in: its successor's batcher says at submission
-        admit(ctx, mv, decoded.count)
+    call.admit(decoded.count)
     images = decoded.images
     if images.encoded is not None:
-        blobs: list[tuple[str | None, bytes]] = [(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)]
-        pixels = await preprocess_all(ctx, mv, blobs, deadline)
+        answer = await call.classify([(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)])
     else:
         assert images.pixels is not None
-        pixels = images.pixels
-    with ctx.models.lease_for(mv, name, version) as mv:  # held until the answer is in: an unload waits for it
-        preds = await infer_images(ctx, mv, pixels, started)
-    request.state.log.update(
-        model=mv.name, version=mv.version, images=len(preds), batch_size=max(p.batch_size for p in preds)
-    )
-    content, headers = encode_answer(decoded.request, mv, io, np.stack([p.logits for p in preds]), decoded.outputs)
+        answer = await call.infer(images.pixels)
+    request.state.log.update(answer.log_fields())
+    content, headers = encode_answer(decoded.request, answer.model, io, answer.logits, decoded.outputs)
     media_type = headers.pop("content-type")
     return Response(content, headers=headers, media_type=media_type)
 
@@ -231,7 +203,7 @@ def _require_control(ctx: AppContext) -> None:
 
 
 def _state(ctx: AppContext, name: str) -> RepositoryModelState:
-    return RepositoryModelState(name=name, versions=[str(v) for v in sorted(ctx.models.models.get(name, {}))])
+    return RepositoryModelState(name=name, versions=[str(v) for v in sorted(ctx.models.versions(name))])
 
 
 @router.post(

@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS_VENV = ROOT / ".venv-tools"
 
-# DESIGN.md section 4: the metrics every dashboard and alert may name (names are a contract).
+# docs/architecture.md, Metrics: the metrics every dashboard and alert may name (names are a contract).
 CONTRACT_METRICS = {
     "deepvit_http_requests_total": "counter",
     "deepvit_request_duration_seconds": "histogram",

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from deepvit.model.synthetic import generate
+from deepvit.model.training.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SHAPES_CONFIG = ROOT / "tests" / "data" / "tiny_shapes.json"

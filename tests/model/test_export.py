@@ -1,4 +1,4 @@
-"""``deepvit export`` / ``verify`` / ``inspect``: the one self-describing artifact of DESIGN.md section 1,
+"""``deepvit export`` / ``verify`` / ``inspect``: the one self-describing artifact of ``deepvit.artifact``,
 gated on parity with PyTorch, written whole or not at all."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import deepvit.model.verify
+import deepvit.model.parity
+from deepvit.artifact.session import read_metadata
 from deepvit.model.checkpoint import load_checkpoint
 from deepvit.model.config import DeepViTConfig
 from deepvit.model.labels import imagenet_labels
 from deepvit.model.net import DeepViT
-from deepvit.service.artifact import read_metadata
 
 CNN_LABELS = ["red", "orange", "yellow", "green", "blue", "indigo", "violet"]
 METADATA_KEYS = {
@@ -268,7 +268,8 @@ def test_verify_of_a_file_that_is_not_onnx_is_one_clear_line(tmp_path: Path, dat
     for artifact in (bogus, tmp_path / "absent.onnx"):
         result = run_deepvit("verify", artifact, "--checkpoint", checkpoint)
         assert result.code == 1
-        assert f"{artifact} cannot be read as an ONNX model" in result.stderr
+        why = "is not a loadable ONNX model" if artifact == bogus else "does not exist or is not a file"
+        assert f"deepvit verify: {artifact} {why}" in result.stderr
         assert "Traceback" not in result.stderr
 
 
@@ -323,7 +324,7 @@ def test_failing_parity_gate_writes_nothing(
     gate: str,
     failing_value: float,
 ) -> None:
-    monkeypatch.setattr(deepvit.model.verify, gate, failing_value)
+    monkeypatch.setattr(deepvit.model.parity, gate, failing_value)
     # The model already being served stays untouched: the new file would only appear by a rename.
     out = tmp_path / "models" / "tiny" / "1" / "model.onnx"
     out.parent.mkdir(parents=True)

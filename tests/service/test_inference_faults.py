@@ -16,7 +16,7 @@ from deepvit.service.errors import InferenceError
 
 
 def _broken_session(batch: np.ndarray) -> np.ndarray:
-    raise InferenceError(f"ONNX Runtime failed on a batch of {len(batch)}: CUDA error: out of memory")
+    raise InferenceError(f"inference failed in ONNX Runtime on a batch of {len(batch)}: CUDA error: out of memory")
 
 
 def _nan_logits(batch: np.ndarray) -> np.ndarray:

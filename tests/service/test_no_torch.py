@@ -1,4 +1,5 @@
-"""The serving side works on the base install, which has no torch: every ``service`` module imports,
+"""The serving side works on the base install, which has no torch: every module of ``deepvit.service`` and of
+the artifact contract ``deepvit.artifact`` imports,
 ``deepvit --help`` and ``deepvit inspect`` work, and the model-side commands name the extra to install.
 
 Each check runs in a fresh interpreter whose first act is to make the train extra's packages unimportable,
@@ -34,19 +35,20 @@ sys.meta_path.insert(0, _NotInstalled)
 
 IMPORT_EVERY_SERVICE_MODULE = """
 import importlib, json, pkgutil
-import deepvit.service
+import deepvit.artifact, deepvit.service
 
 failures = {{}}
 def record(name):
     failures[name] = repr(sys.exc_info()[1])
 
 names = []
-for info in pkgutil.walk_packages(deepvit.service.__path__, "deepvit.service.", onerror=record):
-    names.append(info.name)
-    try:
-        importlib.import_module(info.name)
-    except Exception as exc:
-        failures[info.name] = repr(exc)
+for package in (deepvit.artifact, deepvit.service):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".", onerror=record):
+        names.append(info.name)
+        try:
+            importlib.import_module(info.name)
+        except Exception as exc:
+            failures[info.name] = repr(exc)
 loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in {forbidden!r}))
 print(json.dumps({{"modules": names, "failures": failures, "loaded": loaded}}))
 """
@@ -91,7 +93,8 @@ def test_every_service_module_imports_with_torch_and_model_blocked() -> None:
     assert result["failures"] == {}
     modules = result["modules"]
     assert isinstance(modules, list)
-    assert {"deepvit.service.artifact", "deepvit.service.cli", "deepvit.service.errors"} <= set(modules)
+    expected = {"deepvit.artifact.pixels", "deepvit.artifact.session", "deepvit.service.cli", "deepvit.service.errors"}
+    assert expected <= set(modules)
 
 
 def test_service_does_not_import_torch_even_when_it_is_installed() -> None:
@@ -134,3 +137,16 @@ def test_model_commands_without_torch_name_the_train_extra(tmp_path: Path, args:
     assert "deepvit-serve[train]" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.parent.exists()
+
+
+def test_the_artifact_contract_imports_neither_torch_nor_fastapi() -> None:
+    # Both halves import the contract: it must not drag either half's heavy dependencies into the other.
+    code = (
+        "import sys, json, deepvit.artifact.metadata, deepvit.artifact.pixels, deepvit.artifact.predictions, "
+        "deepvit.artifact.session\n"
+        "heavy = ('torch', 'fastapi', 'starlette', 'deepvit.model', 'deepvit.service')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []

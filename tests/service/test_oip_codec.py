@@ -17,6 +17,7 @@ import pytest
 import tritonclient.http as th
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
+from deepvit.artifact.predictions import softmax
 from deepvit.service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
 from deepvit.service.oip import codec, inference
 from deepvit.service.oip.inference import (
@@ -33,7 +34,6 @@ from deepvit.service.oip.inference import (
     wanted_outputs,
 )
 from deepvit.service.oip.schemas import InferenceRequest
-from deepvit.service.postprocess import softmax
 
 CROP = 8
 LABELS = ("cat", "dog", "tabby:cat", "ship", "plane")

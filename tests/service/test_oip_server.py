@@ -21,8 +21,8 @@ import tritonclient.http as th
 from serving import DATA, Server, export_tiny, metric_samples, running_server
 from tritonclient.utils import InferenceServerException
 
-from deepvit.service.artifact import read_metadata
-from deepvit.service.preprocess import ImageLimits, preprocess
+from deepvit.artifact.pixels import ImageLimits, preprocess
+from deepvit.artifact.session import read_metadata
 
 pytestmark = pytest.mark.integration
 

@@ -28,12 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import copy_atomic, write_text_atomic
-from .checkpoint import read_checkpoint, save_checkpoint
-from .config import ConfigError, DeepViTConfig
-from .datasets import DatasetError, eval_transform, image_folder, split_dirs, train_transform
+from ..atomic import copy_atomic, write_text_atomic
+from ..checkpoint import read_checkpoint, save_checkpoint
+from ..config import ConfigError, DeepViTConfig
 from .distributed import Dist, ShardSampler, all_reduce_sum, average_batchnorm_
-from .evaluate import TopK, evaluate_model
+from .folders import DatasetError, image_folder, split_dirs
 from .history import History
 from .recalibration import recalibrate_reattention
 from .recipe import (
@@ -44,7 +43,9 @@ from .recipe import (
     build_scheduler,
 )
 from .settings import TrainSettings
-from .training_state import build_for_training, load_resume_state, resolve_config
+from .start import build_for_training, load_resume_state, resolve_config
+from .topk import TopK, evaluate_model
+from .transforms import eval_transform, train_transform
 
 LAST, BEST = "last.pth.tar", "best.pth.tar"
 LOG, PLOT, LABELS, CONFIG = "log.jsonl", "curves.png", "labels.txt", "model_config.json"

@@ -1,4 +1,5 @@
-"""Logits → the top-k answer: softmax probabilities in descending order, with labels."""
+"""Logits → the top-k answer: softmax probabilities in descending order, with labels. The same objects
+answer ``/classify`` and fill ``deepvit evaluate --predictions``."""
 
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ import torch
 
 from deepvit.model.checkpoint import save_checkpoint
 from deepvit.model.config import DeepViTConfig
-from deepvit.model.evaluate import TopK, evaluate_artifact, evaluate_checkpoint
 from deepvit.model.export import ArtifactInfo, export_artifact
 from deepvit.model.net import DeepViT
-from deepvit.model.synthetic import CLASSES
+from deepvit.model.training.evaluation import evaluate_artifact, evaluate_checkpoint
+from deepvit.model.training.synthetic import CLASSES
+from deepvit.model.training.topk import TopK
 
 
 def test_topk_counts() -> None:
@@ -84,7 +85,14 @@ def test_evaluate_cli(random_tiny: tuple[Path, Path], small_shapes: Path, tmp_pa
     assert "artifact top-1" in res.stderr
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == report["images"]
-    assert {r["top1"] for r in rows} <= set(CLASSES)
+    assert [r["path"] for r in rows] == sorted(str(p) for p in val.rglob("*.png"))
+    for r in rows:  # the prediction objects of /classify: top 5 with softmax scores, highest first
+        assert r["target"] == Path(r["path"]).parent.name == CLASSES[r["target_id"]]
+        assert [p["label"] for p in r["predictions"]] == [CLASSES[p["class_id"]] for p in r["predictions"]]
+        scores = [p["score"] for p in r["predictions"]]
+        assert len(scores) == 5
+        assert scores == sorted(scores, reverse=True)
+        assert 0 < sum(scores) <= 1 + 1e-9
 
     res = run_deepvit("evaluate", "--checkpoint", ckpt, "--data", val, "--workers", 0)
     assert res.code == 0, res.stderr

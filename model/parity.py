@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepvit.artifact.session import open_session
+
 # Gates of the export (float32 must be numerically the same model; fp16 must keep its decisions).
 FP32_MAX_ABS_DIFF = 1e-4
 FP16_MIN_TOP1_AGREEMENT = 0.99
@@ -73,11 +75,7 @@ def check_parity(
     ``batch_sizes`` defaults to the precision's ``PARITY_BATCH_SIZES``.
     """
     batch_sizes = batch_sizes or PARITY_BATCH_SIZES[precision]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(onnx_model, sess_options=opts, providers=["CPUExecutionProvider"])
+    session = open_session(onnx_model)
     input_name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
     diffs, agree, total = [], 0, 0

@@ -1,6 +1,5 @@
-"""The model repository: ``<repository>/<name>/<version>/model.onnx``, versions being positive integers.
+"""The served model versions in memory: each has an ONNX Runtime session and its own batcher.
 
-``ModelManager`` owns the served model versions: each has an ONNX Runtime session and its own batcher.
 Loading and warm-up run off the event loop; a version takes traffic only once warmed.
 
 Swaps cost no request: a request holds a lease (``lease_for``) on the version it was decoded for from submission
@@ -9,6 +8,9 @@ unloading (an explicit unload, a newer version, a changed file) first takes the 
 then waits for the leases, lets the queued batches finish (``Batcher.close(drain=True)``, bounded by the request
 timeout: what is left then gets 503) and only then
 releases the session. A version replaced by a reload of the same number is swapped in one step.
+
+A failed load is recorded once, here (its reason and the file's signature), and reported until the file is
+gone, superseded or its model unloaded (``forget_failure``).
 """
 
 from __future__ import annotations
@@ -16,116 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from .batcher import Batcher
-from .config import Settings, parse_version_policy
-from .errors import ArtifactError, BadRequestError, NotFoundError, UnavailableError
-from .metrics import Metrics
-from .runtime import LoadCancelledError, ModelRuntime, Prediction
+from deepvit.artifact import ArtifactError
+
+from ..batcher import Batcher
+from ..config import Settings
+from ..errors import BadRequestError, NotFoundError, UnavailableError
+from ..metrics import Metrics
+from ..runtime import LoadCancelledError, ModelRuntime, Prediction
+from .disk import Signature, artifact_signature, scan_repository, select_versions
+from .observers import BatchMetrics, QueueDepth
 
 log = logging.getLogger("deepvit.repository")
 
-ARTIFACT_NAME = "model.onnx"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")  # ASCII digits only: str.isdigit() takes "²", which int() refuses
-
 State = Literal["loading", "ready", "unloading", "failed"]
-Signature = tuple[int, int]  # (mtime_ns, size) of model.onnx: what tells a changed file
-
-
-def artifact_signature(path: Path) -> Signature:
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size
-
-
-def scan_repository(root: Path) -> dict[str, dict[int, Path]]:
-    """Every ``<name>/<version>/model.onnx`` under ``root``; other entries are ignored."""
-    found: dict[str, dict[int, Path]] = {}
-    if not root.is_dir():
-        return found
-    for model_dir in sorted(root.iterdir()):
-        if not model_dir.is_dir() or not _NAME_RE.match(model_dir.name):
-            continue
-        try:
-            version_dirs = list(model_dir.iterdir())
-        except OSError as exc:  # removed (or made unreadable) since the listing
-            log.warning("skipping %s: %s", model_dir, exc)
-            continue
-        for version_dir in version_dirs:
-            if not _VERSION_RE.fullmatch(version_dir.name):
-                if version_dir.is_dir():
-                    log.warning("skipping %s: a version is a positive integer (1, 2, ...)", version_dir)
-                continue
-            artifact = version_dir / ARTIFACT_NAME
-            if artifact.is_file():
-                found.setdefault(model_dir.name, {})[int(version_dir.name)] = artifact
-    return found
-
-
-def select_versions(versions: Sequence[int], policy: str) -> list[int]:
-    kind, arg = parse_version_policy(policy)
-    ordered = sorted(versions)
-    if kind == "all":
-        return ordered
-    if kind == "latest":
-        assert isinstance(arg, int)
-        return ordered[-arg:]
-    assert isinstance(arg, tuple)
-    return [v for v in ordered if v in arg]
-
-
-class _QueueDepth:
-    """``deepvit_queue_depth{model}``: the images queued for a model, over all its versions. Several versions
-    batch at once (``latest:N``, or the old one draining during a swap), each batcher reporting its own depth;
-    the series is their sum, not the last report."""
-
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._gauge = metrics.queue_depth.labels(model)
-        self._depths: dict[object, int] = {}  # reporting batcher's observer -> its depth
-
-    def report(self, source: object, depth: int) -> None:
-        self._depths[source] = depth
-        self._gauge.set(sum(self._depths.values()))
-
-    def forget(self, source: object) -> None:
-        if self._depths.pop(source, None) is not None:
-            self._gauge.set(sum(self._depths.values()))
-
-
-class _BatchMetrics:
-    """Adapts one version's batcher's observer hooks to Prometheus."""
-
-    def __init__(self, metrics: Metrics, model: str, depth: _QueueDepth) -> None:
-        self._depth = depth
-        self._wait = metrics.queue_wait.labels(model)
-        self._inference = metrics.inference.labels(model)
-        self._batch = metrics.batch_size.labels(model)
-
-    def queue_depth(self, depth: int) -> None:
-        self._depth.report(self, depth)
-
-    def release(self) -> None:
-        """The batcher is closed: its queue no longer counts."""
-        self._depth.forget(self)
-
-    def batch_done(self, size: int, queue_waits: Sequence[float], compute_s: float) -> None:
-        for w in queue_waits:
-            self._wait.observe(w)
-        self._inference.observe(compute_s)
-        self._batch.observe(size)
-
-    def expired(self, queue_wait: float) -> None:
-        # The autoscaler reads the mean queue wait: leaving out the items that waited longest would make an
-        # overloaded server look idle.
-        self._wait.observe(queue_wait)
+Key = tuple[str, int]  # (model name, version)
 
 
 @dataclass(eq=False)
@@ -139,7 +53,7 @@ class ModelVersion:
     warmup_s: float = 0.0
     inflight: int = field(default=0)  # requests holding a lease: unloading waits for them
     signature: Signature | None = None  # of the file this session was built from
-    observer: _BatchMetrics | None = None  # its batcher's metrics
+    observer: BatchMetrics | None = None  # its batcher's metrics
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -157,17 +71,62 @@ def _info_labels(mv: ModelVersion) -> tuple[str, str, str, str, str]:
     return mv.name, str(mv.version), mv.runtime.provider_label, meta.precision, meta.weights
 
 
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a version's last load failed, and the file it failed on (not tried again as it is)."""
+
+    reason: str
+    signature: Signature | None
+
+
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    """The served versions in memory. ``runtime_factory`` builds a version's runtime from its file (blocking,
+    in a worker thread): ONNX Runtime's, or a test's fake."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        runtime_factory: Callable[[Path, Settings], ModelRuntime] = ModelRuntime,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.models: dict[str, dict[int, ModelVersion]] = {}
-        self.failures: dict[tuple[str, int], str] = {}
-        self.loading: set[tuple[str, int]] = set()
-        self.unloading: dict[tuple[str, int], ModelVersion] = {}
         self.loaded = False  # the start-up load has finished
-        self._queue_depths: dict[str, _QueueDepth] = {}  # per model, shared by its versions' batchers
+        self._runtime_factory = runtime_factory
+        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._failures: dict[Key, LoadFailure] = {}
+        self._loading: set[Key] = set()
+        self._unloading: dict[Key, ModelVersion] = {}
+        self._queue_depths: dict[str, QueueDepth] = {}  # per model, shared by its versions' batchers
         self._stopping = threading.Event()  # read by builds in worker threads
+
+    # -- what is in memory ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """The models with at least one version serving, sorted."""
+        return sorted(self._versions)
+
+    def versions(self, name: str) -> dict[int, ModelVersion]:
+        """The versions of ``name`` that serve (a copy: loads and unloads change the store, not it)."""
+        return dict(self._versions.get(name, {}))
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [mv for name in self.names() for _, mv in sorted(self._versions[name].items())]
+
+    def failures(self) -> dict[Key, LoadFailure]:
+        return dict(self._failures)
+
+    def failure(self, name: str, version: int) -> LoadFailure | None:
+        return self._failures.get((name, version))
+
+    def is_loading(self, name: str, version: int) -> bool:
+        return (name, version) in self._loading
+
+    def is_unloading(self, name: str, version: int) -> bool:
+        return (name, version) in self._unloading
+
+    def in_transition(self) -> set[Key]:
+        """Versions being loaded or unloaded now."""
+        return self._loading | set(self._unloading)
 
     def stop_loading(self) -> None:
         """Draining has begun: a build under way stops at its next warm-up shape, none starts."""
@@ -179,9 +138,9 @@ class ModelManager:
         s = self.settings
         if self._stopping.is_set():
             raise LoadCancelledError(f"{path} not loaded: the server is shutting down")
-        runtime = ModelRuntime(path, s)
-        depth = self._queue_depths.setdefault(name, _QueueDepth(self.metrics, name))
-        observer = _BatchMetrics(self.metrics, name, depth)
+        runtime = self._runtime_factory(path, s)
+        depth = self._queue_depths.setdefault(name, QueueDepth(self.metrics, name))
+        observer = BatchMetrics(self.metrics, name, depth)
         batcher: Batcher[np.ndarray, Prediction] = Batcher(
             runtime.predict,
             max_batch_size=s.max_batch_size,
@@ -203,9 +162,16 @@ class ModelManager:
     async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:
         """Build and warm a version, then put it into service; one already serving under the same number
         keeps serving until then and is unloaded (drained) afterwards. A failure is recorded and raised."""
-        log.info("loading %s version %d from %s", name, version, path, extra={"model": name, "version": version})
-        self.loading.add((name, version))
-        if version not in self.models.get(name, {}):  # not serving until loaded and warmed (and 0 if it fails)
+        log.info(
+            "loading %s version %d from %s",
+            name,
+            version,
+            path,
+            extra={"model": name, "version": version, "event": "model_loading"},
+        )
+        self._loading.add((name, version))
+        signature: Signature | None = None
+        if version not in self._versions.get(name, {}):  # not serving until loaded and warmed (and 0 if it fails)
             self.metrics.model_ready.labels(name, str(version)).set(0)
         try:
             signature = artifact_signature(path)
@@ -214,17 +180,17 @@ class ModelManager:
             raise  # not the file's fault: nothing to record
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
-            self.failures[(name, version)] = reason
+            self._failures[(name, version)] = LoadFailure(reason, signature)
             self.metrics.model_load_failures.labels(name, str(version)).inc()
             raise
         finally:
-            self.loading.discard((name, version))
+            self._loading.discard((name, version))
         mv.signature = signature
         mv.batcher.start()
         mv.state = "ready"
-        self.failures.pop((name, version), None)
-        replaced = self.models.setdefault(name, {}).get(version)
-        self.models[name][version] = mv
+        self._failures.pop((name, version), None)
+        replaced = self._versions.setdefault(name, {}).get(version)
+        self._versions[name][version] = mv
         meta = mv.runtime.meta
         self.metrics.model_ready.labels(name, str(version)).set(1)
         self.metrics.model_info.labels(*_info_labels(mv)).set(1)
@@ -273,12 +239,12 @@ class ModelManager:
         then release the session."""
         key = (mv.name, mv.version)
         mv.state = "unloading"
-        self.unloading[key] = mv
-        versions = self.models.get(mv.name, {})
+        self._unloading[key] = mv
+        versions = self._versions.get(mv.name, {})
         if versions.get(mv.version) is mv:
             del versions[mv.version]
         if not versions:
-            self.models.pop(mv.name, None)
+            self._versions.pop(mv.name, None)
         try:
             loop = asyncio.get_running_loop()
             # A lease is held around the inference only (not while a body uploads); its deadline bounds it.
@@ -288,56 +254,54 @@ class ModelManager:
             # Queued batches get the same bound; what is still queued after it is answered 503.
             await mv.batcher.close(drain=True, timeout=self.settings.request_timeout_s)
         finally:
-            if self.unloading.get(key) is mv:
-                del self.unloading[key]
+            if self._unloading.get(key) is mv:
+                del self._unloading[key]
             if mv.observer is not None:
                 mv.observer.release()
         # A successor under the same number already set these series; only drop what it does not share.
-        successor = self.models.get(mv.name, {}).get(mv.version)
+        successor = self._versions.get(mv.name, {}).get(mv.version)
         if successor is None:
             with contextlib.suppress(KeyError):
                 self.metrics.model_ready.remove(mv.name, str(mv.version))
         if successor is None or _info_labels(successor) != _info_labels(mv):
             with contextlib.suppress(KeyError):
                 self.metrics.model_info.remove(*_info_labels(mv))
-        log.info("unloaded %s version %d", mv.name, mv.version, extra={"model": mv.name, "version": mv.version})
+        log.info(
+            "unloaded %s version %d",
+            mv.name,
+            mv.version,
+            extra={"model": mv.name, "version": mv.version, "event": "model_unloaded"},
+        )
 
     def forget_failure(self, name: str, version: int) -> None:
         """Stop reporting a version's failed load (its file is gone, superseded, or its model unloaded): its
         0 in deepvit_model_ready goes too, unless a version under that number serves."""
-        if self.failures.pop((name, version), None) is not None and version not in self.models.get(name, {}):
+        if self._failures.pop((name, version), None) is not None and version not in self._versions.get(name, {}):
             with contextlib.suppress(KeyError):
                 self.metrics.model_ready.remove(name, str(version))
 
     async def close(self) -> None:
-        for versions in list(self.models.values()):
-            for mv in list(versions.values()):
-                await self.unload_version(mv)
+        for mv in self.all_versions():
+            await self.unload_version(mv)
 
     # -- lookup ---------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return (
-            self.loaded
-            and bool(self.models)
-            and all(mv.state == "ready" for vs in self.models.values() for mv in vs.values())
-        )
+        return self.loaded and bool(self._versions) and all(mv.state == "ready" for mv in self.all_versions())
 
     def default_model(self) -> str | None:
         """The model /classify uses when none is named: the configured one, else the only one served."""
         if self.settings.default_model:
             return self.settings.default_model
-        return next(iter(self.models)) if len(self.models) == 1 else None
+        return next(iter(self._versions)) if len(self._versions) == 1 else None
 
     def default_name(self) -> str:
         default = self.default_model()
         if default is not None:
             return default
-        if not self.models:
+        if not self._versions:
             raise UnavailableError("no model is loaded yet", reason="not_ready")
-        raise BadRequestError(
-            f"several models are served; name one with ?model= (one of {', '.join(sorted(self.models))})"
-        )
+        raise BadRequestError(f"several models are served; name one with ?model= (one of {', '.join(self.names())})")
 
     @contextlib.contextmanager
     def lease(self, name: str | None, version: int | None) -> Iterator[ModelVersion]:
@@ -371,9 +335,9 @@ class ModelManager:
         if not self.loaded:
             raise UnavailableError("models are still loading; retry shortly", reason="not_ready")
         name = name or self.default_name()
-        versions = self.models.get(name)
+        versions = self._versions.get(name)
         if not versions:
-            raise NotFoundError(f"unknown model {name!r}; served models: {', '.join(sorted(self.models)) or 'none'}")
+            raise NotFoundError(f"unknown model {name!r}; served models: {', '.join(self.names()) or 'none'}")
         if version is None:
             mv = versions[max(versions)]
         elif version in versions:

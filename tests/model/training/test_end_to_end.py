@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 import pytest
 
-from deepvit.model.synthetic import CLASSES
+from deepvit.model.training.synthetic import CLASSES
 
 # Validation top-1 the trained tiny model must reach. Chance is 1/8 = 12.5%.
 MIN_VAL_TOP1 = 0.90
@@ -40,7 +40,11 @@ def test_train_export_evaluate_end_to_end(
     assert reports["checkpoint"]["top1"] == pytest.approx(t.best_val_top1, abs=1e-9)
     # The export lost nothing: the artifact, through the service's preprocessing, answers the same.
     assert reports["artifact"]["top1"] == reports["checkpoint"]["top1"]
-    assert reports["artifact"]["rows"] == reports["checkpoint"]["rows"]  # image by image
+    rows = {source: [json.loads(line) for line in r["rows"]] for source, r in reports.items()}
+    for a, c in zip(rows["artifact"], rows["checkpoint"], strict=True):  # image by image
+        assert (a["path"], a["target"]) == (c["path"], c["target"])
+        assert a["predictions"][0]["label"] == c["predictions"][0]["label"]
+        assert a["predictions"][0]["score"] == pytest.approx(c["predictions"][0]["score"], abs=1e-4)
     assert (t.run_dir / "curves.png").stat().st_size > 0
 
 
@@ -60,7 +64,7 @@ def test_the_served_model_answers_as_the_artifact_on_every_validation_image(
     expected = {}
     for line in preds.read_text().splitlines():
         row = json.loads(line)
-        expected[Path(row["file"]).resolve()] = row["top1"]
+        expected[Path(row["path"]).resolve()] = row["predictions"][0]["label"]
     images = sorted(p.resolve() for p in Path(t.val_dir).rglob("*") if p.is_file())
     assert len(images) == len(expected)
     agree = 0

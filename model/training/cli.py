@@ -89,7 +89,13 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="ONNX Runtime provider (--artifact)")
-    p.add_argument("--predictions", type=Path, metavar="FILE.jsonl", help="also write each file's top-1 label")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="also write one line per image: its path, target and top-5 predictions (label, class_id, "
+        "softmax score), as /classify answers them",
+    )
     p.set_defaults(handler=_evaluate, model_side=True)
 
 
@@ -112,9 +118,9 @@ def _log(msg: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from . import distributed
-    from .datasets import DatasetError
+    from .folders import DatasetError
+    from .loop import TrainingError, train
     from .settings import TrainSettings
-    from .train import TrainingError, train
 
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     values: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in names}
@@ -136,10 +142,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import WeightsKind
-    from .config import DeepViTConfig, get_config
-    from .datasets import DatasetError
-    from .evaluate import EvaluationError, evaluate_artifact, evaluate_checkpoint
+    from ..checkpoint import WeightsKind
+    from ..config import DeepViTConfig, get_config
+    from .evaluation import EvaluationError, evaluate_artifact, evaluate_checkpoint
+    from .folders import DatasetError
 
     try:
         if args.artifact is not None:
@@ -158,8 +164,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _fail("evaluate", exc)
     if args.predictions is not None:
         with open(args.predictions, "w", encoding="utf-8") as f:
-            for path, label in zip(report.files, report.predicted, strict=True):
-                f.write(json.dumps({"file": path, "top1": label}) + "\n")
+            for row in report.prediction_rows():
+                f.write(json.dumps(row) + "\n")
     print(json.dumps(report.to_dict(), indent=2))
     c = report.counts
     _log(f"{report.source} top-1 {c.top1:.2%}, top-5 {c.top5:.2%} on {int(c.count)} images")

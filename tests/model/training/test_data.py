@@ -1,5 +1,5 @@
 """Datasets and pixel paths: the synthetic set, the training transform, and the two evaluation paths
-(checkpoint: timm's official eval transform; artifact: the service's Pillow resize and crop) agreeing."""
+(checkpoint: timm's official eval transform; artifact: the contract's Pillow resize and crop) agreeing."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deepvit.model.config import Preprocessing
-from deepvit.model.datasets import (
-    DatasetError,
-    artifact_input,
-    class_index_map,
-    eval_transform,
-    image_folder,
-    load_rgb,
-    split_dirs,
-    train_transform,
-)
-from deepvit.model.settings import AugmentRecipe
-from deepvit.model.synthetic import CLASSES, generate
+from deepvit.artifact import PreprocessSpec
+from deepvit.model.training.folders import DatasetError, class_index_map, image_folder, load_rgb, split_dirs
+from deepvit.model.training.settings import AugmentRecipe
+from deepvit.model.training.synthetic import CLASSES, generate
+from deepvit.model.training.transforms import artifact_input, eval_transform, train_transform
 
 
 def _digest(root: Path) -> str:
@@ -55,7 +47,7 @@ def _sample_images() -> list[Image.Image]:
 
 @pytest.mark.parametrize("crop_pct", [0.9, 1.0, 0.875])
 def test_artifact_path_sees_the_pixels_of_the_official_eval_transform(crop_pct: float) -> None:
-    pre = Preprocessing(crop_size=32, crop_pct=crop_pct)
+    pre = PreprocessSpec.from_crop_pct(32, crop_pct)
     official = eval_transform(pre)
     for img in _sample_images():
         expected = official(img)  # (3, 32, 32) float, normalised
@@ -82,7 +74,7 @@ def test_load_rgb_applies_exif_orientation_and_converts(tmp_path: Path) -> None:
 
 
 def test_training_transform_is_the_official_recipe_and_survives_posterize_at_magnitude_10() -> None:
-    pre = Preprocessing(crop_size=32)
+    pre = PreprocessSpec.from_crop_pct(32, 0.9)
     tf = train_transform(pre, AugmentRecipe())
     names = " ".join(type(t).__name__ for t in tf.transforms)
     for expected in ("RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "Normalize", "RandomErasing"):
@@ -120,21 +112,3 @@ def test_class_index_map_by_name_then_by_order() -> None:
         class_index_map(["x", "y"], None, 1000)
     with pytest.raises(DatasetError, match="2 class folders but the model has 3"):
         class_index_map(["x", "y"], ["a", "b", "c"], 3)
-
-
-def test_artifact_path_is_the_services_preprocessing(small_shapes: Path, tmp_path: Path) -> None:
-    """deepvit evaluate --artifact must see what POST /classify would feed the same artifact."""
-    from deepvit.service.artifact import PreprocessSpec
-    from deepvit.service.preprocess import ImageLimits, preprocess
-
-    pre = Preprocessing(crop_size=32)
-    spec = PreprocessSpec(pre.resize_shorter, pre.crop_size, pre.interpolation, pre.mean, pre.std)
-    limits = ImageLimits(max_pixels=10**7)
-    exif = Image.Exif()
-    exif[0x0112] = 8  # orientation: rotate 90° counter-clockwise to display
-    load_rgb(next((small_shapes / "val").rglob("*.png"))).save(tmp_path / "x.jpg", exif=exif.tobytes())
-    files = [*sorted((small_shapes / "val").rglob("*.png")), tmp_path / "x.jpg"]
-    for path in files:
-        ours = artifact_input(load_rgb(path), pre)
-        theirs = preprocess(path.read_bytes(), spec, limits)
-        np.testing.assert_array_equal(ours, theirs, err_msg=str(path))

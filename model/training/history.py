@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path, write_text_atomic
 
 
 class History:

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from deepvit.service.artifact import PreprocessSpec
-from deepvit.service.errors import BadRequestError, PayloadTooLargeError
-from deepvit.service.preprocess import ImageLimits, PixelBudget, decode, preprocess
+from deepvit.artifact import ImageError, ImageTooLargeError, PreprocessSpec
+from deepvit.artifact.pixels import ImageLimits, PixelBudget, decode, preprocess
 
 torchvision = pytest.importorskip("torchvision")
 T = torchvision.transforms
@@ -141,17 +140,17 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_a_small_file_claiming_30000_squared_pixels_is_413_before_decoding() -> None:
     data = png_header_only(30000, 30000)
     assert len(data) < 100
-    with pytest.raises(PayloadTooLargeError, match="900,000,000 pixels"):
+    with pytest.raises(ImageTooLargeError, match="900,000,000 pixels"):
         decode(data, LIMITS)
 
 
 def test_a_request_pixel_budget_is_spent_from_headers_and_refuses_the_image_over_it() -> None:
     budget = PixelBudget(5000 * 5000)
     claiming = png_header_only(4000, 4000)  # 16 M pixels each: under the per-image limit
-    with pytest.raises(BadRequestError, match="truncated"):  # reserved, then decoded: one row of pixels
+    with pytest.raises(ImageError, match="truncated"):  # reserved, then decoded: one row of pixels
         decode(claiming, LIMITS, budget)
     assert budget.used == 16_000_000
-    with pytest.raises(PayloadTooLargeError, match="25,000,000 pixels in all"):
+    with pytest.raises(ImageTooLargeError, match="25,000,000 pixels in all"):
         decode(claiming, LIMITS, budget)  # refused from the header: nothing decoded
     assert budget.used == 16_000_000
 
@@ -161,7 +160,7 @@ def test_a_png_bomb_is_refused_by_its_header() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (10000, 10000)).save(buf, format="PNG", optimize=False, compress_level=9)
     assert buf.tell() < 1_000_000
-    with pytest.raises(PayloadTooLargeError, match="limit"):
+    with pytest.raises(ImageTooLargeError, match="limit"):
         decode(buf.getvalue(), LIMITS)
 
 
@@ -174,7 +173,7 @@ def test_a_png_bomb_is_refused_by_its_header() -> None:
     ],
 )
 def test_non_images_are_bad_requests(data: bytes, match: str) -> None:
-    with pytest.raises(BadRequestError, match=match):
+    with pytest.raises(ImageError, match=match):
         decode(data, LIMITS)
 
 
@@ -182,18 +181,18 @@ def test_a_zip_file_is_a_bad_request() -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("cat.jpg", PHOTOS[0].read_bytes())
-    with pytest.raises(BadRequestError, match="not an image"):
+    with pytest.raises(ImageError, match="not an image"):
         decode(buf.getvalue(), LIMITS)
 
 
 def test_a_truncated_jpeg_is_a_bad_request_not_a_half_grey_picture() -> None:
     data = PHOTOS[0].read_bytes()
-    with pytest.raises(BadRequestError, match="truncated or corrupt"):
+    with pytest.raises(ImageError, match="truncated or corrupt"):
         decode(data[: len(data) // 2], LIMITS)
 
 
 def test_tiff_is_not_among_the_formats_decoded() -> None:
-    with pytest.raises(BadRequestError, match="not an image"):
+    with pytest.raises(ImageError, match="not an image"):
         decode(encode(gradient(64, 64), "TIFF"), LIMITS)
 
 
@@ -202,7 +201,7 @@ def test_a_thin_image_is_refused_before_the_resize_makes_it_huge() -> None:
     # 248 x 4,960,000: seconds of CPU and gigabytes. Its aspect ratio gives it away in the header.
     data = encode(Image.new("L", (2, 40000)), "PNG")
     assert len(data) < 1000
-    with pytest.raises(PayloadTooLargeError, match="aspect ratio"):
+    with pytest.raises(ImageTooLargeError, match="aspect ratio"):
         decode(data, LIMITS)
     decode(encode(Image.new("L", (100, 2000)), "PNG"), LIMITS)  # 20:1 is still fine
 
@@ -238,5 +237,5 @@ def _jpeg_with_broken_exif() -> bytes:
 )
 def test_malformed_files_are_bad_requests_whatever_pillow_raises(make: object) -> None:
     assert callable(make)
-    with pytest.raises(BadRequestError, match="could not be decoded"):
+    with pytest.raises(ImageError, match="could not be decoded"):
         decode(make(), LIMITS)

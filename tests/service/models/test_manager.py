@@ -1,4 +1,4 @@
-"""ModelManager (service.repository) with a real artifact, in process: what a drain does to a load under way,
+"""ModelManager (service.models.manager) with a real artifact, in process: what a drain does to a load under way,
 and the readiness series that the DeepvitModelNotReady alert watches."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from serving import metric_samples
 from deepvit.service.config import Settings
 from deepvit.service.errors import ArtifactError
 from deepvit.service.metrics import Metrics
-from deepvit.service.repository import ModelManager
+from deepvit.service.models.manager import ModelManager
 from deepvit.service.runtime import LoadCancelledError, ModelRuntime
 
 
@@ -43,7 +43,7 @@ def test_a_load_under_way_when_draining_begins_is_no_failure(exported_tiny_patch
     manager.stop_loading()
     with pytest.raises(LoadCancelledError):
         asyncio.run(manager.load_version("m", 1, repo / "m" / "1" / "model.onnx"))
-    assert manager.failures == {}
+    assert manager.failures() == {}
     assert "deepvit_model_load_failures_total{" not in metrics.render().decode()
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from deepvit.model.checkpoint import read_checkpoint
-from deepvit.model.synthetic import CLASSES
+from deepvit.model.training.synthetic import CLASSES
 
 
 def test_two_gloo_processes_train_one_model_and_only_rank_0_writes(
@@ -51,7 +51,7 @@ def _average_batchnorm_on_rank(rank: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from deepvit.model.distributed import Dist, average_batchnorm_
+    from deepvit.model.training.distributed import Dist, average_batchnorm_
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -1,4 +1,8 @@
-"""Image bytes → the artifact's input: a ``uint8 [crop, crop, 3]`` RGB array.
+"""The pixel path: image bytes → the artifact's input, a ``uint8 [crop, crop, 3]`` RGB array.
+
+The service, ``deepvit evaluate --artifact`` and training's image folders all decode through
+:func:`decode`, and the service and evaluate transform through :func:`transform`, so that what evaluate
+measures is what ``/classify`` computes, pixel for pixel.
 
 Reproduces the reference evaluation transform (timm/torchvision, as the official code evaluates):
 resize the shorter side to ``resize_shorter`` (the long side to ``int(resize_shorter * long / short)``)
@@ -15,12 +19,13 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .artifact import PreprocessSpec
-from .errors import BadRequestError, PayloadTooLargeError
+from .errors import ImageError, ImageTooLargeError
+from .metadata import PreprocessSpec
 
 # Formats a camera, phone or browser produces. Others Pillow knows widen the attack surface for no user
 # benefit: EPS would call Ghostscript, and TIFF goes through libtiff, which writes to stderr on bad input.
@@ -56,29 +61,33 @@ class PixelBudget:
     def reserve(self, pixels: int) -> None:
         with self._lock:
             if self.used + pixels > self.limit:
-                raise PayloadTooLargeError(
+                raise ImageTooLargeError(
                     f"the request's images hold more than {self.limit:,} pixels in all; send fewer or smaller "
                     "images per request"
                 )
             self.used += pixels
 
 
-def _open(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
+# A local file the user chose (an evaluation or training folder), not an upload: no limits of size or shape.
+LOCAL_FILE = ImageLimits(max_pixels=2**62, max_aspect_ratio=float("inf"))
+
+
+def _open(data: bytes, limits: ImageLimits, budget: PixelBudget | None, formats: tuple[str, ...] | None) -> Image.Image:
     if not data:
-        raise BadRequestError("the image is empty (0 bytes); send the file's bytes as the body or a 'file' part")
+        raise ImageError("the image is empty (0 bytes); send the file's bytes as the body or a 'file' part")
     try:
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        raise BadRequestError(f"the body is not an image this service decodes; send {FORMATS_TEXT} bytes") from None
+        raise ImageError(f"the body is not an image this service decodes; send {FORMATS_TEXT} bytes") from None
     except Exception as exc:  # a recognised format whose header is malformed
         raise _undecodable(exc) from None
     w, h = img.size
     if w < 1 or h < 1:
-        raise BadRequestError(f"the image has no pixels ({w}x{h})")
+        raise ImageError(f"the image has no pixels ({w}x{h})")
     if w * h > limits.max_pixels:
-        raise PayloadTooLargeError(_too_many_pixels_msg(w * h, limits, f"{w}x{h} = "))
+        raise ImageTooLargeError(_too_many_pixels_msg(w * h, limits, f"{w}x{h} = "))
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
-        raise PayloadTooLargeError(
+        raise ImageTooLargeError(
             f"the image is {w}x{h}, an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1 (resizing its "
             "shorter side would make it far larger than it is); crop it before sending"
         )
@@ -87,9 +96,9 @@ def _open(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -
     return img
 
 
-def _undecodable(exc: BaseException) -> BadRequestError:
+def _undecodable(exc: BaseException) -> ImageError:
     detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return BadRequestError(f"the image could not be decoded ({detail}); the file is truncated or corrupt")
+    return ImageError(f"the image could not be decoded ({detail}); the file is truncated or corrupt")
 
 
 def _too_many_pixels_msg(pixels: int | None, limits: ImageLimits, dims: str = "") -> str:
@@ -114,15 +123,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None) -> Image.Image:
-    """Bytes → RGB picture, EXIF-oriented, first frame. Raises BadRequestError / PayloadTooLargeError."""
-    img = _open(data, limits, budget)  # positioned at the first frame of an animation
+def decode(
+    data: bytes,
+    limits: ImageLimits,
+    budget: PixelBudget | None = None,
+    formats: tuple[str, ...] | None = ALLOWED_FORMATS,
+) -> Image.Image:
+    """Bytes → RGB picture, EXIF-oriented, first frame. Raises ImageError / ImageTooLargeError.
+    ``formats=None`` opens any format Pillow knows (local files only: see ALLOWED_FORMATS)."""
+    img = _open(data, limits, budget, formats)  # positioned at the first frame of an animation
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except MemoryError:
-        raise PayloadTooLargeError("the image needs more memory to decode than this server has free") from None
+        raise ImageTooLargeError("the image needs more memory to decode than this server has free") from None
     except Exception as exc:
         # Pillow reports malformed input as OSError, ValueError, SyntaxError, EOFError, struct.error,
         # TypeError... from deep inside its plugins: every one of them is the file's fault, not ours.
@@ -153,4 +168,10 @@ def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess(data: bytes, spec: PreprocessSpec, limits: ImageLimits, budget: PixelBudget | None = None) -> np.ndarray:
+    """Bytes → the artifact's input for one image: what the service computes for an upload."""
     return transform(decode(data, limits, budget), spec)
+
+
+def load_file(path: str | Path) -> Image.Image:
+    """A local image file → the RGB picture, decoded exactly as an upload of the same bytes is."""
+    return decode(Path(path).read_bytes(), LOCAL_FILE, formats=None)

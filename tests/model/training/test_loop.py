@@ -15,14 +15,14 @@ from torch import Tensor, nn
 
 from deepvit.model.checkpoint import filter_state_dict, load_weights, read_checkpoint, select_state_dict
 from deepvit.model.config import DeepViTConfig
-from deepvit.model.distributed import Dist
 from deepvit.model.net import DeepViT
-from deepvit.model.recalibration import reattention_norms, recalibrate_reattention
-from deepvit.model.recipe import build_optimizer, build_scheduler
-from deepvit.model.settings import TrainSettings
-from deepvit.model.synthetic import CLASSES
-from deepvit.model.train import TrainingError, train
-from deepvit.model.training_state import build_for_training
+from deepvit.model.training.distributed import Dist
+from deepvit.model.training.loop import TrainingError, train
+from deepvit.model.training.recalibration import reattention_norms, recalibrate_reattention
+from deepvit.model.training.recipe import build_optimizer, build_scheduler
+from deepvit.model.training.settings import TrainSettings
+from deepvit.model.training.start import build_for_training
+from deepvit.model.training.synthetic import CLASSES
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, filter_state_dict, load_weights, read_checkpoint, weights_of
-from .config import ConfigError, DeepViTConfig, get_config
-from .net import DeepViT
+from ..checkpoint import CheckpointError, filter_state_dict, load_weights, read_checkpoint, weights_of
+from ..config import ConfigError, DeepViTConfig, get_config
+from ..net import DeepViT
 from .settings import TrainSettings
 
 # Config fields a resumed run may not change: they define the architecture (drop path may differ).

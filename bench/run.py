@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Settings
-from .preprocess import ImageLimits, preprocess
-from .repository import scan_repository
-from .runtime import ModelRuntime
+from deepvit.artifact.pixels import ImageLimits, preprocess
+from deepvit.service.config import Settings
+from deepvit.service.models.disk import scan_repository
+from deepvit.service.runtime import ModelRuntime
 
 
 @dataclass

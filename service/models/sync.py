@@ -1,6 +1,6 @@
-"""The live repository: keeps the served versions in step with the files of the model repository, by
-polling (``DEEPVIT_REPOSITORY_POLL_S``) and on request (the Open Inference Protocol's repository extension:
-index, load, unload).
+"""Keeping the served versions in step with the files of the model repository, by polling
+(``DEEPVIT_REPOSITORY_POLL_S``) and on request (the Open Inference Protocol's repository extension: index,
+load, unload).
 
 Per model, the wanted versions are those the version policy selects among the files on disk. A wanted version
 that is new, or whose file changed (modification time or size), is loaded and warmed before it takes traffic
@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from .config import Settings
-from .errors import BadRequestError, NotFoundError, UnavailableError
-from .repository import ModelManager, Signature, artifact_signature, scan_repository, select_versions
-from .runtime import LoadCancelledError
+from ..config import Settings
+from ..errors import BadRequestError, NotFoundError, UnavailableError
+from ..runtime import LoadCancelledError
+from .disk import Found, plan_loads, plan_unloads, scan_signatures, select_versions
+from .manager import ModelManager
 
 log = logging.getLogger("deepvit.repository")
 
 IndexState = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]
-Found = dict[int, tuple[Path, Signature]]  # version -> (model.onnx, its signature)
 
 
 @dataclass(frozen=True)
@@ -48,51 +47,16 @@ class IndexEntry:
     reason: str = ""
 
 
-def plan_loads(
-    on_disk: Mapping[int, Signature],
-    served: Mapping[int, Signature | None],
-    failed: Mapping[int, Signature],
-    policy: str,
-    *,
-    settled: Collection[int] | None = None,
-    retry_failed: bool = False,
-) -> list[int]:
-    """Versions to load: wanted ones that do not serve yet, and serving ones (wanted, or kept because a wanted
-    one failed) whose file changed. ``settled`` (when given) limits them to files seen unchanged by the
-    previous scan; a file that failed is skipped unless it changed since or ``retry_failed``."""
-    out = []
-    for v in sorted(set(select_versions(list(on_disk), policy)) | (set(served) & set(on_disk))):
-        sig = on_disk[v]
-        if v in served and served[v] == sig:
-            continue
-        if settled is not None and v not in settled:
-            continue
-        if not retry_failed and failed.get(v) == sig:
-            continue
-        out.append(v)
-    return out
-
-
-def plan_unloads(on_disk: Collection[int], served: Collection[int], policy: str) -> list[int]:
-    """Served versions to release: those the policy no longer wants, but only once every wanted version
-    serves (so a failed newcomer leaves its predecessor serving); those whose file is gone, always."""
-    wanted = set(select_versions(list(on_disk), policy))
-    if wanted <= set(served):
-        return sorted(set(served) - wanted)
-    return sorted(v for v in served if v not in on_disk)
-
-
 def _draining() -> UnavailableError:
     return UnavailableError("the server is shutting down; retry on another replica", reason="draining")
 
 
-class LiveRepository:
+class RepositorySync:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
         self.settings: Settings = manager.settings
         self.policy = manager.settings.version_policy
         self.held: set[str] = set()  # unloaded by request: polling leaves these alone
-        self._failed: dict[tuple[str, int], Signature] = {}  # the file that failed, not to be retried as is
         self._previous_scan: dict[str, Found] = {}
         self._root_missing = False
         self.stopped = False  # the server is draining: load nothing more
@@ -105,18 +69,8 @@ class LiveRepository:
         )
 
     # -- what is on disk ------------------------------------------------------------------------
-    def _scan(self) -> dict[str, Found]:
-        out: dict[str, Found] = {}
-        for name, versions in scan_repository(self.settings.model_repository).items():
-            for v, path in versions.items():
-                try:
-                    out.setdefault(name, {})[v] = (path, artifact_signature(path))
-                except OSError:  # removed between listing and stat
-                    continue
-        return out
-
     async def scan(self) -> dict[str, Found]:
-        return await asyncio.to_thread(self._scan)  # a network file system can be slow
+        return await asyncio.to_thread(scan_signatures, self.settings.model_repository)  # NFS can be slow
 
     # -- bringing one model in step -------------------------------------------------------------
     async def _sync_model(
@@ -126,20 +80,20 @@ class LiveRepository:
         failures of this pass, one line per version."""
         m = self.manager
         on_disk = {v: sig for v, (_, sig) in found.items()}
-        served = {v: mv.signature for v, mv in m.models.get(name, {}).items()}
-        failed = {v: sig for (n, v), sig in self._failed.items() if n == name}
+        served = {v: mv.signature for v, mv in m.versions(name).items()}
+        failed = {v: f.signature for (n, v), f in m.failures().items() if n == name}
         problems = []
         for v in plan_loads(on_disk, served, failed, self.policy, settled=settled, retry_failed=retry_failed):
             if self.stopped:
                 break
-            path, sig = found[v]
+            path, _ = found[v]
             try:
                 await m.load_version(name, v, path)
             except LoadCancelledError:
                 break  # draining: the file is not at fault
             except Exception as exc:
-                self._failed[(name, v)] = sig
-                reason = m.failures.get((name, v), str(exc))
+                failure = m.failure(name, v)
+                reason = failure.reason if failure is not None else str(exc)
                 problems.append(f"version {v}: {self._public(reason)}")
                 log.error(
                     "model %s version %d failed to load; the versions serving keep serving: %s",
@@ -148,28 +102,26 @@ class LiveRepository:
                     reason,
                     extra={"model": name, "version": v, "event": "model_load_failed"},
                 )
-            else:
-                self._failed.pop((name, v), None)
-        current = m.models.get(name, {})
+        current = m.versions(name)
         for mv in [current[v] for v in plan_unloads(on_disk, list(current), self.policy)]:
             why = "its file is gone" if mv.version not in on_disk else f"the version policy {self.policy} moved on"
             log.info("unloading %s version %d: %s", name, mv.version, why, extra={"model": name, "version": mv.version})
             await m.unload_version(mv)
         # A failed file that is gone, or superseded (neither wanted nor serving: what is gone serves no more),
         # is not "not ready" any more.
-        serving = set(m.models.get(name, {}))
+        serving = set(m.versions(name))
         self._forget_failures(name, keep=set(select_versions(list(on_disk), self.policy)) | serving)
         return problems
 
     def _failed_models(self) -> set[str]:
-        return {n for n, _ in (*self._failed, *self.manager.failures)}
+        return {n for n, _ in self.manager.failures()}
 
     def _forget_failures(self, name: str, keep: Collection[int] = ()) -> None:
         """Stop reporting the failures of ``name``'s versions outside ``keep`` (in the index and as 0 in
         deepvit_model_ready); should such a file be wanted again, it gets one more try."""
-        for key in [k for k in (*self._failed, *self.manager.failures) if k[0] == name and k[1] not in keep]:
-            self._failed.pop(key, None)
-            self.manager.forget_failure(*key)
+        for n, v in self.manager.failures():
+            if n == name and v not in keep:
+                self.manager.forget_failure(n, v)
 
     def stop(self) -> None:
         """Draining has begun: polling ends, and a poll or load under way starts no further build."""
@@ -190,7 +142,7 @@ class LiveRepository:
             scan = await self.scan()
             previous, self._previous_scan = self._previous_scan, scan
             # Models that failed count too: their failures (and 0 readiness) go once their folder is gone.
-            for name in sorted(set(scan) | set(self.manager.models) | self._failed_models()):
+            for name in sorted(set(scan) | set(self.manager.names()) | self._failed_models()):
                 if self.stopped:
                     break
                 if name in self.held:
@@ -239,10 +191,10 @@ class LiveRepository:
             self.held.discard(name)
             problems = await self._sync_model(name, found, settled=None, retry_failed=True)
         if problems:
-            serving = sorted(self.manager.models.get(name, {}))
+            serving = sorted(self.manager.versions(name))
             still = f"; serving versions {', '.join(map(str, serving))}" if serving else "; nothing of it serves"
             raise BadRequestError(f"model {name!r} failed to load: {'; '.join(problems)}{still}")
-        if not self.manager.models.get(name):
+        if not self.manager.versions(name):
             if self.stopped:  # draining began during the load
                 raise _draining()
             raise BadRequestError(f"no version of {name!r} on disk is selected by the version policy {self.policy}")
@@ -252,7 +204,7 @@ class LiveRepository:
         self._require_started()
         async with self._lock:
             self._forget_failures(name)  # unloaded on purpose: none of its versions should serve
-            served = list(self.manager.models.get(name, {}).values())
+            served = list(self.manager.versions(name).values())
             if not served and name not in (await self.scan()):
                 raise NotFoundError(f"unknown model {name!r}: it is neither served nor in the repository")
             self.held.add(name)
@@ -265,26 +217,26 @@ class LiveRepository:
         m = self.manager
         scan = await self.scan()
         keys = {(n, v) for n, vs in scan.items() for v in vs}
-        keys |= {(n, v) for n, vs in m.models.items() for v in vs} | m.loading | set(m.unloading)
+        keys |= {(mv.name, mv.version) for mv in m.all_versions()} | m.in_transition()
         wanted = {n: set(select_versions(list(vs), self.policy)) for n, vs in scan.items()}
         return [self._entry(name, v, wanted.get(name, set())) for name, v in sorted(keys)]
 
     def _entry(self, name: str, v: int, wanted: set[int]) -> IndexEntry:
         m = self.manager
-        key = (name, v)
-        if v in m.models.get(name, {}):
-            if key in m.loading:
+        failure = m.failure(name, v)
+        if v in m.versions(name):
+            if m.is_loading(name, v):
                 return IndexEntry(name, v, "READY", "a changed file is loading")
-            if key in m.failures:
-                reason = f"the changed file failed to load, the previous one serves: {self._public(m.failures[key])}"
+            if failure is not None:
+                reason = f"the changed file failed to load, the previous one serves: {self._public(failure.reason)}"
                 return IndexEntry(name, v, "READY", reason)
             return IndexEntry(name, v, "READY")
-        if key in m.loading:
+        if m.is_loading(name, v):
             return IndexEntry(name, v, "LOADING")
-        if key in m.unloading:
+        if m.is_unloading(name, v):
             return IndexEntry(name, v, "UNLOADING")
-        if key in m.failures:
-            return IndexEntry(name, v, "UNAVAILABLE", self._public(m.failures[key]))
+        if failure is not None:
+            return IndexEntry(name, v, "UNAVAILABLE", self._public(failure.reason))
         if name in self.held:
             return IndexEntry(name, v, "UNAVAILABLE", "unloaded by request")
         if v not in wanted:
