@@ -17,10 +17,20 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--min-time", type=float, default=3.0, help="seconds per in-process measurement")
+    p.add_argument(
+        "--overload",
+        action="store_true",
+        help="instead: open-loop load at --factor times the measured capacity (see bench/overload.py)",
+    )
+    p.add_argument("--factor", type=float, default=3.0, help="offered load / capacity (--overload)")
+    p.add_argument("--overload-seconds", type=float, default=60.0, help="length of the overload (--overload)")
+    p.add_argument("--deadline", type=float, default=2.0, help="DEEPVIT_REQUEST_TIMEOUT_S of the server (--overload)")
     p.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.overload:
+        return _overload(args)
     from .run import run_bench
 
     table = run_bench(
@@ -33,5 +43,36 @@ def _bench(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         min_time_s=args.min_time,
     )
+    print(table)
+    return 0
+
+
+def _overload(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+    import platform
+
+    from deepvit.service.models.disk import scan_repository
+
+    from .overload import run_overload
+
+    found = scan_repository(args.model_repository)
+    if not found:
+        raise SystemExit(f"deepvit bench: no model in {args.model_repository}")
+    name = args.model or sorted(found)[0]
+    photo = sorted(args.photos.glob("*.jpg"))[0]
+    result = run_overload(
+        args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
+    )
+    title = (
+        f"### {name}: {args.factor:g}x capacity for {args.overload_seconds:g} s, open loop\n\n"
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs · photo "
+        f"{photo.name} ({photo.stat().st_size / 1024:.0f} KB) · DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, "
+        "DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the same machine"
+    )
+    table = result.render(title)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / f"{name}-overload.md").write_text(f"<!-- written by deepvit bench --overload -->\n{table}\n")
     print(table)
     return 0

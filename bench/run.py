@@ -147,12 +147,17 @@ def bench_http(
             rows.append(run_hey(hey, url + "/classify", photo, c, duration_s))
         return rows
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains), then a kill if it does not exit within a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:

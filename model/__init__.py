@@ -1,0 +1,1 @@
+"""The model side: DeepViT in PyTorch, checkpoint import, export to the artifact, and training."""

@@ -18,6 +18,7 @@ from .config import Settings
 from .context import AppContext
 from .errors import ArtifactError, DeadlineExceededError, ServiceError, UnavailableError
 from .inference import InferencePipeline
+from .memory import lower_thread_priority
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .models.manager import ModelManager
@@ -78,7 +79,11 @@ def create_app(
     /readyz says 503 until every model is loaded and warmed. A start-up failure calls ``on_fatal``."""
     metrics = metrics or Metrics()
     manager = manager or ModelManager(settings, metrics)
-    pool = ThreadPoolExecutor(max_workers=settings.decode_threads or (os.cpu_count() or 2), thread_name_prefix="decode")
+    pool = ThreadPoolExecutor(
+        max_workers=settings.decode_threads or (os.cpu_count() or 2),
+        thread_name_prefix="decode",
+        initializer=lower_thread_priority,  # the event loop first (service/memory.py)
+    )
     repository = RepositorySync(manager)
     ctx = AppContext(
         settings=settings,

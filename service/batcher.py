@@ -3,7 +3,9 @@
 
 Requests arriving together are merged into one ``predict`` call of at most ``max_batch_size`` items,
 waiting at most ``max_delay_s`` after the first item. While a batch computes (off the event loop, in the
-injected executor), the next one keeps collecting; it is dispatched as soon as the compute slot frees.
+injected executor), the next one keeps collecting; it is dispatched as soon as a compute slot frees. Several
+``predict`` functions (execution instances, as Triton's instance groups: one session each) share one queue,
+each a slot of its own, so that as many batches compute at once.
 The queue is bounded (``QueueFullError`` at once when full). Every item carries a deadline on the
 monotonic clock: one that expires while queued fails with ``ExpiredError`` and is never
 computed. A failing batch fails its own items only, each with the exception ``predict`` raised (a wrong
@@ -77,7 +79,7 @@ class _Entry(Generic[T, R]):
 class Batcher(Generic[T, R]):
     def __init__(
         self,
-        predict: Callable[[list[T]], Sequence[R]],
+        predict: Callable[[list[T]], Sequence[R]] | Sequence[Callable[[list[T]], Sequence[R]]],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -86,15 +88,20 @@ class Batcher(Generic[T, R]):
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
+        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
-        self._predict = predict
+        self._predicts = list(predict) if isinstance(predict, Sequence) else [predict]
+        if not self._predicts:
+            raise ValueError("at least one predict function is needed")
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"predict-{name}")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=len(self._predicts), thread_name_prefix=f"predict-{name}", initializer=thread_initializer
+        )
         self._observer = observer or _NullObserver()
         self._clock = clock
         self.name = name
@@ -103,7 +110,8 @@ class Batcher(Generic[T, R]):
         # loop pops them, and those must count neither against the limit nor in the depth gauge.
         self._waiting = 0
         self._wakeup = asyncio.Event()
-        self._slot_free = asyncio.Event()
+        self._free_slots = list(range(len(self._predicts)))  # instances not computing now
+        self._slot_free = asyncio.Event()  # set while a slot is free
         self._slot_free.set()
         self._computing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -230,8 +238,10 @@ class Batcher(Generic[T, R]):
                     w.cancel()
             batch = self._take_batch()
             if batch:
-                self._slot_free.clear()
-                task = asyncio.create_task(self._compute(batch))
+                slot = self._free_slots.pop()
+                if not self._free_slots:
+                    self._slot_free.clear()
+                task = asyncio.create_task(self._compute(batch, slot))
                 self._computing.add(task)
                 task.add_done_callback(self._computing.discard)
 
@@ -281,12 +291,16 @@ class Batcher(Generic[T, R]):
         self._observer.queue_depth(self._waiting)
         return batch
 
-    async def _compute(self, batch: list[_Entry[T, R]]) -> None:
+    @property
+    def instances(self) -> int:
+        return len(self._predicts)
+
+    async def _compute(self, batch: list[_Entry[T, R]], slot: int = 0) -> None:
         loop = asyncio.get_running_loop()
         started = self._clock()
         waits = [started - e.enqueued for e in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, [e.item for e in batch])
+            results = await loop.run_in_executor(self._executor, self._predicts[slot], [e.item for e in batch])
             if len(results) != len(batch):
                 raise BatchFailedError(
                     f"inference failed: predict returned {len(results)} results for {len(batch)} inputs"
@@ -303,5 +317,6 @@ class Batcher(Generic[T, R]):
         finally:
             compute_s = self._clock() - started
             self._observer.batch_done(len(batch), waits, compute_s)
+            self._free_slots.append(slot)
             self._slot_free.set()
             self._wakeup.set()

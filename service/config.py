@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
+    instances: int = Field(
+        0, ge=0, le=64, description="ONNX Runtime sessions per model version sharing its queue (0: by measurement)"
+    )
 
     # Dynamic batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="most images in one ONNX Runtime call")
@@ -55,6 +58,17 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="queued images per model before 503")
     request_timeout_s: float = Field(
         10.0, gt=0, description="deadline of a request from its complete body; queued past it: 504"
+    )
+
+    # Admission over the whole pipeline (service/admission.py)
+    admission_max_wait_s: float = Field(
+        0.0, ge=0, description="refuse (503) a request whose estimated wait exceeds this (0: half the request timeout)"
+    )
+    max_pending_images: int = Field(
+        512, ge=1, description="most images admitted and not yet answered, decoding included (then 503)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="longest a request body may take to arrive (then 408): slow clients are cut off"
     )
 
     # Input limits
@@ -71,6 +85,11 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one multipart request")
     decode_threads: int = Field(0, ge=0, description="threads for image decoding (0: CPU count)")
+    max_decode_memory_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="memory image decoding may hold at once, over all requests (8 bytes per pixel claimed)",
+    )
 
     # Operations
     log_format: Literal["json", "text"] = Field("json", description="access and event log format")
@@ -103,12 +122,21 @@ class Settings(BaseSettings):
     def _gpu_consistent(self) -> Settings:
         if self.require_gpu and "cuda" not in self.providers:
             raise ValueError("require_gpu is set but cuda is not among the providers")
+        if self.max_decode_memory_bytes < 8 * self.max_image_pixels:
+            raise ValueError(
+                f"max_decode_memory_bytes ({self.max_decode_memory_bytes}) must hold the largest image allowed: "
+                f"8 bytes x max_image_pixels ({self.max_image_pixels}) = {8 * self.max_image_pixels}"
+            )
         if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
             raise ValueError(
                 f"max_queue_size ({self.max_queue_size}) must hold at least one full batch "
                 f"({self.max_batch_size}) and one full request ({self.max_images_per_request} images)"
             )
         return self
+
+    @property
+    def admission_wait_s(self) -> float:
+        return self.admission_max_wait_s or self.request_timeout_s / 2
 
     @property
     def max_queue_delay_s(self) -> float:

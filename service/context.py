@@ -50,7 +50,7 @@ class AppContext:
         elif self.startup_error:
             reason = f"start-up failed: {self.startup_error}"
         elif not m.ready:
-            loading = not m.loaded or bool(m.in_transition())
+            loading = not m.loaded or m.any_loading()
             reason = "models are loading and warming up" if loading else "no model is loaded (all were unloaded)"
         else:
             return Readiness(True, None, models)
@@ -64,7 +64,7 @@ class AppContext:
             self.settings.repository_control
             and m.loaded
             and not m.names()
-            and not m.in_transition()
+            and not m.any_loading()
             and not self.draining
             and not self.startup_error
         )

@@ -9,9 +9,10 @@ the queue in batcher); only the app's exception handlers turn them into HTTP sta
     │   ├── BadRequestError      undecodable image, bad parameter                         400
     │   ├── ForbiddenError       an operation this server's settings do not allow         403
     │   ├── NotFoundError        unknown model or version                                 404
+    │   ├── RequestTimeoutError  the body did not arrive within DEEPVIT_BODY_TIMEOUT_S      408
     │   ├── PayloadTooLargeError body or pixel count over the limit                       413
     │   └── UnsupportedMediaTypeError                                                     415
-    ├── UnavailableError         not ready, queue full, draining (with Retry-After)       503
+    ├── UnavailableError         not ready, overloaded, queue full, draining (Retry-After) 503
     ├── DeadlineExceededError    the request's deadline passed while it was queued        504
     └── InferenceError           a batch failed in ONNX Runtime                           500
 """
@@ -29,6 +30,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RequestError",
+    "RequestTimeoutError",
     "ServiceError",
     "UnavailableError",
     "UnsupportedMediaTypeError",
@@ -57,6 +59,10 @@ class ForbiddenError(RequestError):
 
 class NotFoundError(RequestError):
     status = 404
+
+
+class RequestTimeoutError(RequestError):
+    status = 408
 
 
 class PayloadTooLargeError(RequestError):

@@ -3,14 +3,17 @@
 
 One request's trip, as a :class:`Call`:
 
-1. ``begin(name, version)``: resolve the version (404 or 503 at once, no lease yet) and admit one image: a full
-   queue is refused before the body is read;
+1. ``with begin(name, version) as call``: resolve the version (404 or 503 at once, no lease yet) and admit one
+   image to the pipeline (:mod:`.admission`: refused at once, before the body is read, when it could not be
+   answered in time) and to the model's queue;
 2. the front end reads its body (a slow upload holds no lease and does not count against the deadline);
-3. ``received(images)``: the deadline starts, and the request is admitted again with its image count;
+3. ``received(images)``: the deadline starts, the request counts as in flight, and it is admitted again with
+   its image count;
 4. ``decode(blobs)``: the artifact contract's pixel path, in the decode pool, skipping what is left once one
    image failed;
 5. ``infer(pixels)``: under a lease on the version (an unload waits for it), the batched call, a check that
-   the logits are finite, and the answer.
+   the logits are finite, and the answer;
+6. leaving the ``with`` block gives the request's images back to admission, whatever happened.
 
 Errors are translated here, once: the contract's image errors into 400/413, the batcher's queue, expiry and
 closing into 503/504; the runtime raises the service's own ``InferenceError``.
@@ -24,13 +27,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
 
 from deepvit.artifact import ImageError, ImageTooLargeError
-from deepvit.artifact.pixels import ImageLimits, PixelBudget, preprocess
+from deepvit.artifact.errors import DecodeBusyError
+from deepvit.artifact.pixels import DecodeMemory, ImageLimits, PixelBudget, preprocess
 
+from .admission import Admission
 from .batcher import BatcherClosedError, BatchFailedError, ExpiredError, QueueFullError
 from .config import Settings
 from .errors import (
@@ -39,8 +45,10 @@ from .errors import (
     InferenceError,
     PayloadTooLargeError,
     RequestError,
+    ServiceError,
     UnavailableError,
 )
+from .memory import release_after_decode
 from .metrics import Metrics
 from .models.manager import ModelManager, ModelVersion
 from .runtime import Prediction
@@ -77,11 +85,21 @@ class InferencePipeline:
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
+        self.decode_memory = DecodeMemory(settings.max_decode_memory_bytes, on_release=release_after_decode)
+        self.admission = a = Admission(settings.admission_wait_s, settings.max_pending_images)
+        metrics.pending_images.set_function(lambda: a.pending)
+        metrics.estimated_wait.set_function(lambda: a.estimated_wait_s(1))
+        metrics.image_cost.set_function(lambda: a.per_image_s or 0.0)
 
-    def begin(self, name: str | None, version: int | None) -> Call:
+    def begin(self, name: str | None, version: int | None, check: Callable[[ModelVersion], None] | None = None) -> Call:
         """Resolve the version a request names (the default model and its latest version when it names
-        none) and admit it, before anything of its body is read."""
-        call = Call(self, self.models.resolve(name, version), name, version)
+        none), run the front end's ``check`` of its parameters against it (a bad parameter is a 400 even on a
+        busy server), and admit it, before anything of its body is read. Use it as a context manager: leaving
+        the block gives the request's share of the pipeline back."""
+        mv = self.models.resolve(name, version)
+        if check is not None:
+            check(mv)
+        call = Call(self, mv, name, version)
         call.admit(1)
         return call
 
@@ -94,10 +112,32 @@ class Call:
         self.model = mv  # resolved without a lease: what the body is read and decoded for
         self._name, self._version = name, version
         self.deadline = float("inf")
+        self.reserved = 0  # images this request holds in admission
+        self.completed = False  # its images were computed (they measure the pipeline's throughput)
+        self._in_flight = False
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        p = self.pipeline
+        if self._in_flight:
+            self._in_flight = False
+            p.metrics.inflight.dec()
+        if self.reserved:
+            p.admission.release(self.reserved, self.completed)
+            self.reserved = 0
 
     def admit(self, images: int) -> None:
-        """Refuse at once, before reading or decoding anything more, when the model's queue cannot take
-        ``images`` more (a version replaced meanwhile: its successor's batcher says so at submission)."""
+        """Hold ``images`` in all (a request's count, once known), or refuse at once, before reading or
+        decoding anything more: when the pipeline could not answer them in time, or the model's queue cannot
+        take them (a version replaced meanwhile: its successor's batcher says so at submission)."""
+        more = images - self.reserved
+        if more <= 0:
+            return
         mv = self.model
         if mv.state == "ready" and not mv.batcher.has_capacity(images):
             raise UnavailableError(
@@ -105,12 +145,18 @@ class Call:
                 "waiting); retry shortly",
                 reason="queue_full",
             )
+        self.pipeline.admission.admit(more)
+        self.reserved += more
 
     def received(self, images: int | None = None) -> None:
         """The body is in: the deadline counts from now (a slow upload is the client's link, not a queue to
-        report), and a request of several images is admitted again with its count."""
+        report), the request counts in ``deepvit_inflight_requests``, and a request of several images is
+        admitted again with its count."""
         self.deadline = time.monotonic() + self.pipeline.settings.request_timeout_s
-        if images is not None and images > 1:
+        if not self._in_flight:
+            self._in_flight = True
+            self.pipeline.metrics.inflight.inc()
+        if images is not None:
             self.admit(images)
 
     def check_deadline(self, what: str) -> None:
@@ -137,7 +183,9 @@ class Call:
                 self.check_deadline("its image was decoded")  # waited too long for a decode thread
                 t0 = time.perf_counter()
                 try:
-                    out = preprocess(data, spec, p.limits, budget)
+                    out = preprocess(data, spec, p.limits, budget, p.decode_memory, self.deadline - time.monotonic())
+                except DecodeBusyError as exc:
+                    raise DeadlineExceededError(f"{exc.message}; the server is overloaded") from None
                 except ImageTooLargeError as exc:
                     raise PayloadTooLargeError(exc.message) from None
                 except ImageError as exc:
@@ -177,6 +225,10 @@ class Call:
                 raise UnavailableError(str(exc), reason="unloading") from None
             except BatchFailedError as exc:
                 raise InferenceError(str(exc)) from None
+            except ServiceError:
+                raise  # the runtime's InferenceError, already in words a caller can act on
+            except Exception as exc:  # anything else predict raised: the model's fault, said once
+                raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
         for i, pred in enumerate(preds):
             if not np.isfinite(pred.logits).all():  # no answer to give (and JSON has no NaN): the model's fault
                 raise InferenceError(
@@ -184,6 +236,7 @@ class Call:
                     f"(precision {mv.runtime.meta.precision}); the artifact is faulty for this input"
                 )
         p.metrics.images.labels(mv.name).inc(len(preds))  # classified: the request has its answers
+        self.completed = True
         return Answer(mv, preds)
 
     async def classify(self, blobs: Sequence[Blob]) -> Answer:

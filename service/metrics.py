@@ -16,7 +16,16 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-REJECTION_REASONS = ("queue_full", "draining", "deadline", "not_ready", "unloading", "body_too_large")
+REJECTION_REASONS = (
+    "overloaded",
+    "queue_full",
+    "draining",
+    "deadline",
+    "not_ready",
+    "unloading",
+    "body_too_large",
+    "body_timeout",
+)
 
 
 class Metrics:
@@ -58,7 +67,9 @@ class Metrics:
         )
         self.queue_depth = Gauge("deepvit_queue_depth", "Images waiting to be batched", ["model"], registry=r)
         self.inflight = Gauge(
-            "deepvit_inflight_requests", "HTTP requests being handled (probes and scrapes not counted)", registry=r
+            "deepvit_inflight_requests",
+            "Inference requests whose body is in, until answered (uploads, probes and scrapes not counted)",
+            registry=r,
         )
         self.images = Counter(
             "deepvit_images",
@@ -91,6 +102,32 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge("deepvit_draining", "1 while the server drains before exiting", registry=r)
+        self.max_batch_size = Gauge(
+            "deepvit_max_batch_size",
+            "Most images in one ONNX Runtime call: measured at warm-up unless DEEPVIT_MAX_BATCH_SIZE fixes it",
+            ["model", "version"],
+            registry=r,
+        )
+        self.instances = Gauge(
+            "deepvit_instances",
+            "ONNX Runtime sessions of a model version sharing its queue: measured unless DEEPVIT_INSTANCES is set",
+            ["model", "version"],
+            registry=r,
+        )
+        # Admission (service/admission.py), read at each scrape.
+        self.pending_images = Gauge(
+            "deepvit_pending_images", "Images admitted and not yet answered, decoding included", registry=r
+        )
+        self.estimated_wait = Gauge(
+            "deepvit_admission_estimated_wait_seconds",
+            "Estimated wait of a new one-image request (pending images times the measured cost of one)",
+            registry=r,
+        )
+        self.image_cost = Gauge(
+            "deepvit_admission_image_seconds",
+            "Measured time per image of the whole pipeline while busy (moving average)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,9 @@
-"""One pure-ASGI middleware for what every request shares: request id, draining, the body limit,
-in-flight accounting, unexpected errors, HTTP metrics and the access log line."""
+"""One pure-ASGI middleware for what every request shares: request id, draining, the body limit in size and
+in time, the count of requests a drain waits for, unexpected errors, HTTP metrics and the access log line."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,7 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLargeError
+from .errors import PayloadTooLargeError, RequestTimeoutError, UnavailableError
 
 if TYPE_CHECKING:
     from .context import AppContext
@@ -102,6 +103,14 @@ class RequestMiddleware:
                     503, "the server is shutting down; retry on another replica", "draining", [(b"retry-after", b"1")]
                 )
                 return
+            if scope["method"] == "POST" and (path == "/classify" or path.endswith("/infer")):
+                # Overloaded: refused here, before routing and before a byte of the body is read; under three
+                # times the capacity this is most requests, so it must cost next to nothing.
+                try:
+                    ctx.pipeline.admission.check()
+                except UnavailableError as exc:
+                    await reply(503, exc.message, exc.reason, [(b"retry-after", str(exc.retry_after_s).encode())])
+                    return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 close_connection = True  # the body stays unread
@@ -110,21 +119,34 @@ class RequestMiddleware:
                 )
                 return
             received = 0
+            body_done = False
+            body_deadline = time.monotonic() + ctx.settings.body_timeout_s
 
             async def receive_capped() -> Message:
-                nonlocal received, close_connection
-                message = await receive()
+                """The body, capped in size and in time: a client trickling it in is cut off (408)."""
+                nonlocal received, close_connection, body_done
+                if body_done:
+                    return await receive()  # after the body: a disconnect, whenever it comes
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
+                except TimeoutError:
+                    close_connection = True
+                    ctx.metrics.rejected.labels("body_timeout").inc()
+                    raise RequestTimeoutError(
+                        f"the body did not arrive within {ctx.settings.body_timeout_s:g}s ({received:,} bytes came)"
+                    ) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if received > limit:
                         close_connection = True
                         ctx.metrics.rejected.labels("body_too_large").inc()
                         raise PayloadTooLargeError(f"the body is over the limit of {limit:,} bytes")
+                else:
+                    body_done = True
                 return message
 
-            ctx.inflight += 1
-            if not probe:  # the autoscaler's signal: the scrape reading it must not count itself
-                ctx.metrics.inflight.inc()
+            ctx.inflight += 1  # what a drain waits for (the inflight gauge counts in the pipeline, bodies in)
             try:
                 await self.app(scope, receive_capped, send_wrapper)
             except ClientDisconnect:
@@ -138,8 +160,6 @@ class RequestMiddleware:
                 )
             finally:
                 ctx.inflight -= 1
-                if not probe:
-                    ctx.metrics.inflight.dec()
         finally:
             elapsed = time.perf_counter() - started
             route = self._route_label(scope)

@@ -38,6 +38,23 @@ class Prediction:
     batch_size: int  # size of the ONNX Runtime call this image was part of
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """What a warm-up measured: its duration, and the time of one batch of each size it ran."""
+
+    seconds: float
+    batch_s: dict[int, float]
+
+    def best_batch_size(self, budget_s: float, tolerance: float = 0.05) -> int:
+        """The most efficient batch size: the lowest time per image among the sizes whose batch takes at
+        most ``budget_s``; of those within ``tolerance`` of it, the smallest (less waiting for a batch to fill,
+        lower latency). On a CPU that is a small batch (attention's N x N maps leave the cache as the batch
+        grows); on a GPU, a large one."""
+        fits = {n: t for n, t in self.batch_s.items() if t <= budget_s} or {min(self.batch_s): 0.0}
+        best = min(t / n for n, t in fits.items())
+        return min(n for n, t in fits.items() if t / n <= best * (1 + tolerance))
+
+
 def warmup_batch_sizes(max_batch_size: int, every_size: bool = False) -> list[int]:
     """The batch shapes to run before ready. On CUDA every size the batcher can form (1..max), since cuDNN
     picks its algorithms per shape and the first batch of a new shape is slow; on the CPU, where nothing is
@@ -128,13 +145,19 @@ class ModelRuntime:
         logits = self.run(np.stack(images))
         return [Prediction(row, len(images)) for row in logits]
 
-    def warmup(self, max_batch_size: int, cancelled: Callable[[], bool] = lambda: False) -> float:
-        """Run every batch shape once; ``cancelled`` is asked between shapes, so that a drain does not wait
-        for a warm-up (tens of seconds for a large model on the CPU) whose model will never serve."""
+    def warmup(self, max_batch_size: int, cancelled: Callable[[], bool] = lambda: False) -> Warmup:
+        """Run every batch shape twice, timing the second run (the first allocates and tunes); ``cancelled``
+        is asked between shapes, so that a drain does not wait for a warm-up (tens of seconds for a large
+        model on the CPU) whose model will never serve."""
         crop = self.meta.preprocess.crop_size
         started = time.perf_counter()
+        timings: dict[int, float] = {}
         for n in warmup_batch_sizes(max_batch_size, every_size=self.provider == "CUDAExecutionProvider"):
             if cancelled():
                 raise LoadCancelledError(f"warm-up of {self.path} stopped: the server is shutting down")
-            self.run(np.zeros((n, crop, crop, 3), dtype=np.uint8))
-        return time.perf_counter() - started
+            batch = np.random.default_rng(n).integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)
+            self.run(batch)
+            t0 = time.perf_counter()
+            self.run(batch)
+            timings[n] = time.perf_counter() - t0
+        return Warmup(time.perf_counter() - started, timings)

@@ -19,6 +19,7 @@ import uvicorn
 from .app import create_app
 from .config import Settings
 from .context import AppContext
+from .memory import configure_allocator
 
 log = logging.getLogger("deepvit.server")
 
@@ -81,6 +82,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def run(settings: Settings) -> int:
+    configure_allocator()  # decode buffers go back to the system when freed (service/memory.py)
     holder: list[DrainingServer] = []
     app = create_app(settings, on_fatal=lambda msg: holder[0].fatal(msg))
     config = uvicorn.Config(

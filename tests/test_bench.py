@@ -13,11 +13,15 @@ import pytest
 from serving import DATA, ROOT, export_tiny
 
 
-def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
+def require_hey() -> None:
     if shutil.which("hey") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("hey is missing in CI: install Debian's hey package")
         pytest.skip("hey not installed (apt-get install hey)")
+
+
+def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
+    require_hey()
     repo = tmp_path / "repo"
     export_tiny(repo)
     out = tmp_path / "results"
@@ -35,3 +39,19 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     http_rows = [line for line in table.splitlines() if line.startswith("| HTTP service")]
     assert all(line.endswith("| 0 |") for line in http_rows), "requests failed under the benchmark"
     assert not list(out.glob(".bench-*")), "the server log was left behind"
+
+
+def test_the_overload_run_reports_goodput_refusals_probes_and_memory(tmp_path: Path) -> None:
+    require_hey()
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--overload", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--overload-seconds", "2", "--factor", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny-overload.md").read_text()
+    for row in ("| capacity (closed loop, c=8) |", "| goodput |", "| p99 of refusals (503) |", "| /livez p99 / max |"):
+        assert row in table
+    assert "| RSS, second 10 → end |" in table
+    assert "200: " in table  # some requests were answered

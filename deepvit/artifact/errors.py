@@ -20,3 +20,7 @@ class ImageError(ContractError):
 
 class ImageTooLargeError(ImageError):
     """An image (or a request's images together) over a pixel or aspect-ratio limit, found from the header."""
+
+
+class DecodeBusyError(ContractError):
+    """Not the image's fault: the decoding memory it needs stayed taken by others for as long as it could wait."""

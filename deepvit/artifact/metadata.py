@@ -42,7 +42,8 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    crop_pct: float | None = None  # how resize_shorter was derived, when it was (for the record)
+    # How resize_shorter was derived, when it was: for the record, not part of what the pixels depend on.
+    crop_pct: float | None = field(default=None, compare=False)
 
     @classmethod
     def from_crop_pct(

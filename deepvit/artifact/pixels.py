@@ -16,15 +16,17 @@ before any pixel is decoded, and truncated or malformed files are refused rather
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError, ImageTooLargeError
+from .errors import DecodeBusyError, ImageError, ImageTooLargeError
 from .metadata import PreprocessSpec
 
 # Formats a camera, phone or browser produces. Others Pillow knows widen the attack surface for no user
@@ -36,6 +38,7 @@ FORMATS_TEXT = "JPEG, PNG, WebP, GIF or BMP"
 # Pillow's process-wide bomb check, which only warns below twice its own fixed limit.
 Image.MAX_IMAGE_PIXELS = None
 
+_ORIENTATION = 0x0112  # the EXIF tag
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -66,6 +69,45 @@ class PixelBudget:
                     "images per request"
                 )
             self.used += pixels
+
+
+class DecodeMemory:
+    """The memory that decoding may hold at once, over every request of the process. An image reserves what
+    decoding it costs (``BYTES_PER_PIXEL`` times its pixel count, from the header) before a pixel is decoded
+    and gives it back once its crop is made; an image that needs more than the whole budget is refused, one
+    that needs more than is free waits (at most ``wait_s``). So however the headers lie (a 17 KB WebP that
+    claims 6000 x 6000 px makes its decoder allocate 144 MB before it finds the data missing), decoding
+    never holds more than the budget. ``on_release(bytes)`` runs after each release (to give memory back)."""
+
+    # RGBA while decoding (4 bytes) plus the RGB copy of the conversion (3), and some resize scratch.
+    BYTES_PER_PIXEL = 8
+
+    def __init__(self, limit_bytes: int, on_release: Callable[[int], None] | None = None) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._on_release = on_release
+        self._free = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, wait_s: float) -> Iterator[None]:
+        need = pixels * self.BYTES_PER_PIXEL
+        if need > self.limit:
+            raise ImageTooLargeError(
+                f"decoding the image needs about {need / 2**20:,.0f} MiB, more than the "
+                f"{self.limit / 2**20:,.0f} MiB this server decodes at once; downscale it before sending"
+            )
+        with self._free:
+            if not self._free.wait_for(lambda: self.used + need <= self.limit, timeout=min(max(0.0, wait_s), 3600.0)):
+                raise DecodeBusyError("the server's decoding memory stayed taken until the request's deadline")
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._free:
+                self.used -= need
+                self._free.notify_all()
+            if self._on_release is not None:
+                self._on_release(need)
 
 
 # A local file the user chose (an evaluation or training folder), not an upload: no limits of size or shape.
@@ -131,10 +173,14 @@ def decode(
 ) -> Image.Image:
     """Bytes → RGB picture, EXIF-oriented, first frame. Raises ImageError / ImageTooLargeError.
     ``formats=None`` opens any format Pillow knows (local files only: see ALLOWED_FORMATS)."""
-    img = _open(data, limits, budget, formats)  # positioned at the first frame of an animation
+    return _decode_opened(_open(data, limits, budget, formats))  # at the first frame of an animation
+
+
+def _decode_opened(img: Image.Image) -> Image.Image:
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except MemoryError:
         raise ImageTooLargeError("the image needs more memory to decode than this server has free") from None
@@ -167,9 +213,21 @@ def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def preprocess(data: bytes, spec: PreprocessSpec, limits: ImageLimits, budget: PixelBudget | None = None) -> np.ndarray:
-    """Bytes → the artifact's input for one image: what the service computes for an upload."""
-    return transform(decode(data, limits, budget), spec)
+def preprocess(
+    data: bytes,
+    spec: PreprocessSpec,
+    limits: ImageLimits,
+    budget: PixelBudget | None = None,
+    memory: DecodeMemory | None = None,
+    wait_s: float = 0.0,
+) -> np.ndarray:
+    """Bytes → the artifact's input for one image: what the service computes for an upload. With ``memory``,
+    the image's decoding cost is held from it (waiting at most ``wait_s``) until the crop is made."""
+    img = _open(data, limits, budget, ALLOWED_FORMATS)
+    if memory is None:
+        return transform(_decode_opened(img), spec)
+    with memory.hold(img.width * img.height, wait_s):
+        return transform(_decode_opened(img), spec)
 
 
 def load_file(path: str | Path) -> Image.Image:

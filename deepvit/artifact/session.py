@@ -16,7 +16,6 @@ from .metadata import ArtifactMetadata
 # A provider by name, or (name, options) as ONNX Runtime takes it.
 Provider = str | tuple[str, dict[str, Any]]
 CPU: tuple[Provider, ...] = ("CPUExecutionProvider",)
-PROVIDER_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
 def providers_for(name: str) -> tuple[Provider, ...]:

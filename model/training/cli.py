@@ -1,7 +1,7 @@
 """``deepvit train`` and ``deepvit evaluate`` (torch needed; the heavy modules are imported when run).
 
-Every default of ``deepvit train`` is the official recipe's (see :mod:`model.settings`); the parser takes
-them from :class:`model.settings.TrainSettings` so that the help and the code cannot disagree.
+Every default of ``deepvit train`` is the official recipe's (see :mod:`.settings`); the parser takes
+them from :class:`.settings.TrainSettings` so that the help and the code cannot disagree.
 """
 
 from __future__ import annotations

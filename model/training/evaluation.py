@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from deepvit.artifact import ArtifactError, PreprocessSpec
-from deepvit.artifact.predictions import top_k
+from deepvit.artifact.predictions import Scored, top_k
 from deepvit.artifact.session import metadata_of, open_session, providers_for
 
 from ..checkpoint import (
@@ -48,17 +48,22 @@ class EvalReport:
     labels: list[str] = field(default_factory=list)  # the model's class names
     files: list[str] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # each file's class index in the model
-    logits: list[np.ndarray] = field(default_factory=list)  # each file's float32 logits
+    # Each file's top 5 (softmax scores, as /classify answers), kept rather than its logits: 20 MB, not 200,
+    # for ImageNet's validation set.
+    predictions: list[list[Scored]] = field(default_factory=list)
+
+    def add_logits(self, logits: np.ndarray) -> None:
+        for row in logits:
+            self.predictions.append(top_k(row, min(5, len(self.labels)), self.labels))
 
     @property
     def predicted(self) -> list[str]:
         """The top-1 label of each file, in file order."""
-        return [self.labels[int(np.argmax(row))] for row in self.logits]
+        return [p[0]["label"] for p in self.predictions]
 
-    def prediction_rows(self, k: int = 5) -> Iterator[dict[str, Any]]:
+    def prediction_rows(self) -> Iterator[dict[str, Any]]:
         """One row per file for ``--predictions``: the top-k as ``/classify`` answers them (softmax scores)."""
-        for path, target, row in zip(self.files, self.targets, self.logits, strict=True):
-            top = top_k(row, min(k, len(self.labels)), self.labels)
+        for path, target, top in zip(self.files, self.targets, self.predictions, strict=True):
             yield {"path": path, "target": self.labels[target], "target_id": target, "predictions": top}
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,11 +113,11 @@ def evaluate_checkpoint(
     ds = image_folder(data, eval_transform(cfg.preprocessing))
     index_map = class_index_map(ds.classes, names, cfg.num_classes)
     labels = names or [str(i) for i in range(cfg.num_classes)]
-    logits: list[np.ndarray] = []
-    batches = ((x, remap_targets(y, index_map)) for x, y in _loader(ds, batch_size, workers))
-    counts = evaluate_model(model, batches, device, logits_out=logits)
     files, targets = [p for p, _ in ds.samples], [index_map[t] for _, t in ds.samples]
-    return EvalReport("checkpoint", str(checkpoint), weights, counts, labels, files, targets, logits)
+    report = EvalReport("checkpoint", str(checkpoint), weights, TopK(), labels, files, targets)
+    batches = ((x, remap_targets(y, index_map)) for x, y in _loader(ds, batch_size, workers))
+    report.counts = evaluate_model(model, batches, device, on_logits=report.add_logits)
+    return report
 
 
 class ArtifactImages(torch.utils.data.Dataset[tuple[np.ndarray, int]]):
@@ -141,12 +146,11 @@ def evaluate_artifact(
     labels = list(meta.labels)
     folder = image_folder(data, None)
     index_map = class_index_map(folder.classes, labels, len(labels))
-    counts = TopK()
-    rows: list[np.ndarray] = []
-    input_name = session.get_inputs()[0].name
-    for images, targets in _loader(ArtifactImages(folder, meta.preprocess), batch_size, workers):
-        logits = np.asarray(session.run(None, {input_name: images.numpy()})[0], dtype=np.float32)
-        counts.add(torch.from_numpy(logits), remap_targets(targets, index_map))
-        rows.extend(logits)
     files, targets = [p for p, _ in folder.samples], [index_map[t] for _, t in folder.samples]
-    return EvalReport("artifact", str(artifact), meta.weights, counts, labels, files, targets, rows)
+    report = EvalReport("artifact", str(artifact), meta.weights, TopK(), labels, files, targets)
+    input_name = session.get_inputs()[0].name
+    for images, batch_targets in _loader(ArtifactImages(folder, meta.preprocess), batch_size, workers):
+        logits = np.asarray(session.run(None, {input_name: images.numpy()})[0], dtype=np.float32)
+        report.counts.add(torch.from_numpy(logits), remap_targets(batch_targets, index_map))
+        report.add_logits(logits)
+    return report

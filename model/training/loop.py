@@ -1,7 +1,7 @@
 """The training loop of ``deepvit train``: one process or many (torchrun), into checkpoints that export.
 
 Each epoch: train (mixup / cutmix, AMP on CUDA, optional gradient clipping, EMA update per step), then
-recalibrate Re-attention's BatchNorm statistics (see :mod:`model.recalibration`) of the model and of its
+recalibrate Re-attention's BatchNorm statistics (see :mod:`.recalibration`) of the model and of its
 EMA, evaluate both on the validation set, and let rank 0 write ``last.pth.tar`` (and ``best.pth.tar`` when
 the model's top-1 improved), then one line of ``log.jsonl``. The checkpoint holds exactly the weights that
 were evaluated, so an interrupted run loses at most the epoch in flight.

@@ -1,4 +1,4 @@
-"""The timm objects a training run is made of, built from :class:`model.settings.TrainSettings`: the
+"""The timm objects a training run is made of, built from :class:`.settings.TrainSettings`: the
 optimizer with its weight-decay groups, the schedule, mixup / cutmix, the loss and the model EMA."""
 
 from __future__ import annotations

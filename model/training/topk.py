@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +58,9 @@ def evaluate_model(
     batches: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,
     amp: bool = False,
-    logits_out: list[np.ndarray] | None = None,
+    on_logits: Callable[[np.ndarray], None] | None = None,
 ) -> TopK:
-    """Counts of ``model`` (eval mode) over ``batches``; appends each image's float32 logits when a list is
+    """Counts of ``model`` (eval mode) over ``batches``; ``on_logits`` gets each batch's float32 logits when
     given."""
     was_training = model.training
     model.eval()
@@ -71,8 +71,8 @@ def evaluate_model(
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
                 logits = model(images)
             counts.add(logits.float(), targets)
-            if logits_out is not None:
-                logits_out.extend(logits.float().cpu().numpy())
+            if on_logits is not None:
+                on_logits(logits.float().cpu().numpy())
     finally:
         model.train(was_training)
     return counts

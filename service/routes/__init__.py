@@ -1,1 +1,1 @@
-"""HTTP routes; each module holds one APIRouter. Wiring happens in ``service.app``."""
+"""HTTP routes; each module holds one APIRouter. Wiring happens in ``deepvit.service.app``."""

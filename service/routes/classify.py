@@ -14,6 +14,7 @@ from deepvit.artifact.predictions import top_k as top_k_of
 
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..models.manager import ModelVersion
 from .responses import error_responses
 
 router = APIRouter(tags=["classification"])
@@ -115,13 +116,16 @@ async def classify(
             f"content type {media or '(none)'!r} is not supported; send the image bytes with Content-Type "
             "image/jpeg (or image/png, application/octet-stream), or multipart/form-data with 'file' parts"
         )
-    call = ctx.pipeline.begin(model, version)
-    n_classes = call.model.runtime.meta.num_classes
-    if top_k > n_classes:
-        raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
-    blobs = await read_parts(request, ctx) if multipart else [(None, await request.body())]
-    call.received(len(blobs))
-    answer = await call.classify(blobs)
+
+    def check(mv: ModelVersion) -> None:
+        n_classes = mv.runtime.meta.num_classes
+        if top_k > n_classes:
+            raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
+
+    with ctx.pipeline.begin(model, version, check) as call:
+        blobs = await read_parts(request, ctx) if multipart else [(None, await request.body())]
+        call.received(len(blobs))
+        answer = await call.classify(blobs)
     request.state.log.update(answer.log_fields())
     mv = answer.model
     ref = ModelRef(name=mv.name, version=mv.version)

@@ -44,6 +44,13 @@ async def models(ctx: Annotated[AppContext, Depends(get_context)]) -> dict[str, 
             "version": mv.version,
             "state": mv.state,
             "provider": mv.runtime.provider,
+            "batching": {
+                "max_batch_size": mv.batcher.max_batch_size,
+                "chosen_by": mv.batch_size_chosen_by,
+                "instances": mv.batcher.instances,
+                "instances_chosen_by": mv.instances_chosen_by,
+                "warmup_ms_per_image": {str(n): round(1000 * t / n, 3) for n, t in sorted(mv.batch_s.items())},
+            },
             "metadata": mv.runtime.meta.to_public_dict(),
         }
         for mv in ctx.models.all_versions()

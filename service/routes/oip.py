@@ -4,7 +4,7 @@ Inference goes through the same preprocessing, dynamic batcher and metrics as ``
 request of N images is N batch items). Errors are the service's error tree, so the app's handlers answer them
 as the protocol asks: ``{"error": ...}``; 400 for a shape, datatype or input-name mismatch, 404 for an unknown
 model or version, 503 for one not ready (or being unloaded). How the tensors map onto the model is in
-``service.oip.inference``.
+``deepvit.service.oip.inference``.
 
 Load and unload change what serves, and have no authentication of their own: they answer 403 unless
 ``DEEPVIT_REPOSITORY_CONTROL`` allows them. The index stays readable.
@@ -147,22 +147,24 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
-    call = ctx.pipeline.begin(name, version)  # 404 and 503 at once; a full queue before the body is read
-    io = ModelIO.of(call.model)
-    body = await request.body()
-    call.received()
-    limits = Limits(ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request)
-    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
-    async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
-        decoded = await call.offload(decode_request, body, encoding, header_length, io, limits)
-    del body
-    call.admit(decoded.count)
-    images = decoded.images
-    if images.encoded is not None:
-        answer = await call.classify([(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)])
-    else:
-        assert images.pixels is not None
-        answer = await call.infer(images.pixels)
+    with ctx.pipeline.begin(name, version) as call:  # 404 and 503 at once; overload before the body is read
+        io = ModelIO.of(call.model)
+        body = await request.body()
+        call.received()
+        limits = Limits(
+            ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request
+        )
+        encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+        async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
+            decoded = await call.offload(decode_request, body, encoding, header_length, io, limits)
+        del body
+        call.admit(decoded.count)
+        images = decoded.images
+        if images.encoded is not None:
+            answer = await call.classify([(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)])
+        else:
+            assert images.pixels is not None
+            answer = await call.infer(images.pixels)
     request.state.log.update(answer.log_fields())
     content, headers = encode_answer(decoded.request, answer.model, io, answer.logits, decoded.outputs)
     media_type = headers.pop("content-type")

@@ -50,6 +50,9 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         "DEEPVIT_MAX_BODY_BYTES": str(MAX_BODY),
         "DEEPVIT_MAX_QUEUE_DELAY_MS": "20",
         "DEEPVIT_MAX_REQUEST_PIXELS": str(MAX_REQUEST_PIXELS),
+        # Fixed, so that the batching test sees batches form: left unset, the warm-up may measure batch 1 as
+        # the most efficient on this CPU (tests/service/test_batch_choice.py covers that choice).
+        "DEEPVIT_MAX_BATCH_SIZE": "32",
     }
     with running_server(repo, log, env) as s:
         yield s

@@ -1,0 +1,192 @@
+"""``deepvit bench --overload``: the day the traffic is three times what the server can take.
+
+One real ``deepvit serve`` process. First its capacity: ``hey`` closed-loop at concurrency 8. Then load
+offered at ``factor`` times that rate for ``duration`` seconds, open-loop in effect: ``hey`` with a rate limit
+per worker and enough workers that a slow answer does not lower the offered rate (``workers x per-worker rate
+= offered``). Meanwhile a prober times ``/livez`` every 100 ms and the server's RSS is sampled every second.
+``hey`` runs at the lowest priority (``nice 19``), so that on the server's machine it takes only the CPU the
+server leaves. The report: goodput (answers per second, and against capacity), how refusals were answered (503
+with Retry-After, p99 latency), p99 of accepted requests, probe latency, RSS growth from second 10 to the end,
+and the latency of one request right after the load.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .run import _free_port, _stop, _wait_ready
+
+
+@dataclass
+class Overload:
+    capacity_rps: float
+    offered_rps: float
+    duration_s: float
+    statuses: collections.Counter[str]
+    goodput_rps: float
+    accepted_p99_ms: float
+    refused_p99_ms: float
+    probe_p99_ms: float
+    probe_max_ms: float
+    probe_failures: int
+    rss_start_mib: float
+    rss_end_mib: float
+    after_ms: float
+    deadline_s: float
+
+    def render(self, title: str) -> str:
+        total = sum(self.statuses.values())
+        share = ", ".join(f"{code}: {n / total:.1%}" for code, n in sorted(self.statuses.items()))
+        growth = (self.rss_end_mib - self.rss_start_mib) / self.rss_start_mib if self.rss_start_mib else 0.0
+        rows = [
+            ("capacity (closed loop, c=8)", f"{self.capacity_rps:,.1f} req/s"),
+            (
+                "offered",
+                f"{self.offered_rps:,.1f} req/s for {self.duration_s:g} s; sent {total / self.duration_s:,.1f} req/s "
+                f"({total:,} requests)",
+            ),
+            ("answers by status", share),
+            ("goodput", f"{self.goodput_rps:,.1f} req/s = {self.goodput_rps / self.capacity_rps:.0%} of capacity"),
+            ("p99 of accepted requests", f"{self.accepted_p99_ms:,.0f} ms (deadline {self.deadline_s:g} s)"),
+            ("p99 of refusals (503)", f"{self.refused_p99_ms:,.1f} ms"),
+            (
+                "/livez p99 / max",
+                f"{self.probe_p99_ms:,.1f} / {self.probe_max_ms:,.1f} ms, {self.probe_failures} failed",
+            ),
+            ("RSS, second 10 → end", f"{self.rss_start_mib:,.0f} → {self.rss_end_mib:,.0f} MiB ({growth:+.1%})"),
+            ("one request after the load", f"{self.after_ms:,.1f} ms"),
+        ]
+        return "\n".join([title, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
+    hey = shutil.which("hey")
+    if hey is None:
+        raise SystemExit("deepvit bench: the overload run needs hey (Debian: apt-get install hey)")
+    # At the lowest priority: on the server's own machine the load generator takes only what the server
+    # leaves, as a client on another machine would take nothing of it.
+    nice = [shutil.which("nice") or "nice", "-n", "19"] if shutil.which("nice") else []
+    cmd = [*nice, hey, *args, "-m", "POST", "-T", "image/jpeg", "-D", str(photo), "-t", "30", "-o", "csv", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+    return list(csv.DictReader(io.StringIO(out)))
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99)) * 1000 if values else float("nan")
+
+
+def run_overload(
+    repository: Path,
+    model: str,
+    photo: Path,
+    factor: float = 3.0,
+    duration_s: float = 60.0,
+    deadline_s: float = 2.0,
+    log: Path | None = None,
+) -> Overload:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DEEPVIT_LOG_LEVEL": "warning",
+        "DEEPVIT_DEFAULT_MODEL": model,
+        "DEEPVIT_REQUEST_TIMEOUT_S": f"{deadline_s:g}",
+        "DEEPVIT_MAX_QUEUE_SIZE": "64",
+    }
+    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
+    with open(log or os.devnull, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(url, proc)
+        _hey(["-z", "2s", "-c", "8"], url + "/classify", photo)  # warms connections and the estimate
+        closed = _hey(["-z", "10s", "-c", "8"], url + "/classify", photo)
+        ok = [r for r in closed if r["status-code"] == "200"]
+        capacity = len(ok) / max(float(r["offset"]) + float(r["response-time"]) for r in ok)
+        offered = factor * capacity
+        workers = max(64, int(offered * 2 * deadline_s))  # a worker waits at most ~2 deadlines
+        per_worker = offered / workers
+
+        probes: list[float] = []
+        failures = 0
+        rss: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            nonlocal failures
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(url + "/livez", timeout=3) as r:
+                        r.read()
+                    probes.append(time.perf_counter() - t0)
+                except OSError:
+                    failures += 1
+                time.sleep(0.1)
+
+        def sample_rss() -> None:
+            t0 = time.monotonic()
+            while not stop.is_set():
+                rss.append((time.monotonic() - t0, _rss_mib(proc.pid)))
+                stop.wait(1.0)
+
+        threads = [threading.Thread(target=probe, daemon=True), threading.Thread(target=sample_rss, daemon=True)]
+        for t in threads:
+            t.start()
+        records = _hey(
+            ["-z", f"{duration_s:g}s", "-c", str(workers), "-q", f"{per_worker:.4f}"], url + "/classify", photo
+        )
+        stop.set()
+        for t in threads:
+            t.join(5)
+        time.sleep(1)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                url + "/classify", data=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}, method="POST"
+            ),
+            timeout=10,
+        ) as r:
+            r.read()
+        after = (time.perf_counter() - t0) * 1000
+    finally:
+        _stop(proc)
+    statuses = collections.Counter(r["status-code"] for r in records)
+    accepted = [float(r["response-time"]) for r in records if r["status-code"] == "200"]
+    refused = [float(r["response-time"]) for r in records if r["status-code"] == "503"]
+    late = [v for t, v in rss if t >= 10] or [v for _, v in rss]
+    return Overload(
+        capacity_rps=capacity,
+        offered_rps=offered,
+        duration_s=duration_s,
+        statuses=statuses,
+        goodput_rps=len(accepted) / duration_s,
+        accepted_p99_ms=_p99(accepted),
+        refused_p99_ms=_p99(refused),
+        probe_p99_ms=_p99(probes),
+        probe_max_ms=max(probes) * 1000 if probes else float("nan"),
+        probe_failures=failures,
+        rss_start_mib=late[0] if late else float("nan"),
+        rss_end_mib=late[-1] if late else float("nan"),
+        after_ms=after,
+        deadline_s=deadline_s,
+    )
