@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -82,7 +83,7 @@ def create_app(
     pool = ThreadPoolExecutor(
         max_workers=settings.decode_threads or (os.cpu_count() or 2),
         thread_name_prefix="decode",
-        initializer=lower_thread_priority,  # the event loop first (service/memory.py)
+        initializer=functools.partial(lower_thread_priority, settings.worker_niceness),  # service/memory.py
     )
     repository = RepositorySync(manager)
     ctx = AppContext(

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one multipart request")
     decode_threads: int = Field(0, ge=0, description="threads for image decoding (0: CPU count)")
+    worker_niceness: int = Field(
+        0, ge=0, le=19, description="nice value of the decode and inference threads (above 0: the event loop first)"
+    )
     max_decode_memory_bytes: int = Field(
         512 * 1024 * 1024,
         ge=1,

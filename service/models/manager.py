@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -190,7 +191,7 @@ class ModelManager:
             max_queue_size=s.max_queue_size,
             observer=observer,
             name=f"{name}-{version}",
-            thread_initializer=lower_thread_priority,  # the event loop first (service/memory.py)
+            thread_initializer=functools.partial(lower_thread_priority, s.worker_niceness),  # service/memory.py
         )
         if s.warmup:
             table = ", ".join(f"{n}: {1000 * t / n:.2f}" for n, t in sorted(mv.batch_s.items()))
