@@ -58,24 +58,25 @@ class Admission:
     def check(self, images: int = 1) -> None:
         """Raise what ``admit`` would, reserving nothing: the middleware's refusal before any routing."""
         with self._lock:
-            if self.pending + images > self.max_pending_images:
-                raise self._refusal(
-                    f"{self.pending} images are in the pipeline (the limit is {self.max_pending_images})"
-                )
-            wait = self.estimated_wait_s(images)
-            if self.pending and wait > self.max_wait_s:
-                raise self._refusal(
-                    f"the estimated wait is {wait:.2f}s ({self.pending} images ahead at "
-                    f"{1000 * (self.per_image_s or 0):.1f} ms each), over the {self.max_wait_s:g}s allowed"
-                )
+            self._check(images)
 
     def admit(self, images: int) -> None:
         """Reserve ``images``, or raise ``UnavailableError`` (503) when they cannot be answered in time."""
-        self.check(images)
-        with self._lock:
+        with self._lock:  # the check and the reservation in one step
+            self._check(images)
             if self.pending == 0:
                 self._last_done = self._clock()  # a busy period starts: completions measure from here
             self.pending += images
+
+    def _check(self, images: int) -> None:
+        if self.pending + images > self.max_pending_images:
+            raise self._refusal(f"{self.pending} images are in the pipeline (the limit is {self.max_pending_images})")
+        wait = self.estimated_wait_s(images)
+        if self.pending and wait > self.max_wait_s:
+            raise self._refusal(
+                f"the estimated wait is {wait:.2f}s ({self.pending} images ahead at "
+                f"{1000 * (self.per_image_s or 0):.1f} ms each), over the {self.max_wait_s:g}s allowed"
+            )
 
     def release(self, images: int, completed: bool) -> None:
         """``images`` leave the pipeline; ``completed`` when they were computed (they measure the cost)."""
