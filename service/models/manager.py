@@ -161,30 +161,31 @@ class ModelManager:
         if s.instances > 1 and not threads:  # the operator's instances share the cores
             threads = max(1, _cores() // s.instances)
         runtime = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
-        depth = self._queue_depths.setdefault(name, QueueDepth(self.metrics, name))
-        observer = BatchMetrics(self.metrics, name, depth)
-        mv = ModelVersion(name, version, path, runtime, None, observer=observer)  # type: ignore[arg-type]
         max_batch = s.max_batch_size
         count = max(1, s.instances)
         runtimes = [runtime]
+        warm: Warmup | None = None
+        batch_chosen_by: Literal["setting", "measurement"] = "setting"
+        instances_chosen_by: Literal["setting", "measurement"] = "setting"
         if s.warmup:
-            warm = self._warm(mv, runtime)
+            warm = self._warm(name, version, runtime)
             if "max_batch_size" not in s.model_fields_set:  # the operator fixed none: the measurement picks
                 max_batch = warm.best_batch_size(budget_s=s.request_timeout_s / 8)
-                mv.batch_size_chosen_by = "measurement"
+                batch_chosen_by = "measurement"
             if not s.instances:
-                count, single = self._measure_instances(mv, path, runtime, warm, max_batch)
+                instances_chosen_by = "measurement"
+                count, single = self._measure_instances(name, version, path, runtime, warm, max_batch)
                 if single is not None:  # one single-threaded session per core, this one the first
                     runtimes = [single]
                     threads = 1
         while len(runtimes) < count:
             extra = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
             if s.warmup:
-                self._warm(mv, extra, record=False)
+                self._warm(name, version, extra)
             runtimes.append(extra)
-        mv.runtime = runtimes[0]
-        mv.runtimes = runtimes
-        mv.batcher = Batcher(
+        depth = self._queue_depths.setdefault(name, QueueDepth(self.metrics, name))
+        observer = BatchMetrics(self.metrics, name, depth)
+        batcher: Batcher[np.ndarray, Prediction] = Batcher(
             [rt.predict for rt in runtimes],
             max_batch_size=max_batch,
             max_delay_s=s.max_queue_delay_s,
@@ -193,33 +194,43 @@ class ModelManager:
             name=f"{name}-{version}",
             thread_initializer=functools.partial(lower_thread_priority, s.worker_niceness),  # service/memory.py
         )
-        if s.warmup:
-            table = ", ".join(f"{n}: {1000 * t / n:.2f}" for n, t in sorted(mv.batch_s.items()))
+        mv = ModelVersion(
+            name,
+            version,
+            path,
+            runtimes[0],
+            batcher,
+            warmup_s=warm.seconds if warm else 0.0,
+            batch_s=warm.batch_s if warm else {},
+            batch_size_chosen_by=batch_chosen_by,
+            instances_chosen_by=instances_chosen_by,
+            runtimes=runtimes,
+            observer=observer,
+        )
+        if warm is not None:
+            table = ", ".join(f"{n}: {1000 * t / n:.2f}" for n, t in sorted(warm.batch_s.items()))
             log.info(
                 "%s version %d: %d instance(s), batches of at most %d images (%s); ms per image by batch size: %s",
                 name,
                 version,
                 len(runtimes),
                 max_batch,
-                "the most efficient size measured" if mv.batch_size_chosen_by == "measurement" else "as set",
+                "the most efficient size measured" if batch_chosen_by == "measurement" else "as set",
                 table,
                 extra={"model": name, "version": version, "event": "batching", "batch": max_batch},
             )
         return mv
 
-    def _warm(self, mv: ModelVersion, runtime: ModelRuntime, record: bool = True) -> Warmup:
+    def _warm(self, name: str, version: int, runtime: ModelRuntime) -> Warmup:
         try:
-            warm = runtime.warmup(self.settings.max_batch_size, cancelled=self._stopping.is_set)
+            return runtime.warmup(self.settings.max_batch_size, cancelled=self._stopping.is_set)
         except LoadCancelledError as exc:
             # Logged here: the task that awaited this build may already be cancelled by the shutdown.
-            log.info("%s", exc, extra={"model": mv.name, "version": mv.version, "event": "load_cancelled"})
+            log.info("%s", exc, extra={"model": name, "version": version, "event": "load_cancelled"})
             raise
-        if record:
-            mv.warmup_s, mv.batch_s = warm.seconds, warm.batch_s
-        return warm
 
     def _measure_instances(
-        self, mv: ModelVersion, path: Path, runtime: ModelRuntime, warm: Warmup, batch: int
+        self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup, batch: int
     ) -> tuple[int, ModelRuntime | None]:
         """On a CPU of several cores: one session using them all, or one single-threaded session per core?
         The second wins when attention's small matrices scale badly over threads (measured 23 ms of CPU per
@@ -227,11 +238,10 @@ class ModelManager:
         take one instance per core when that is at least 15% more images per second; returns the count and,
         when it is more than one, the single-threaded session measured."""
         cores = _cores()
-        mv.instances_chosen_by = "measurement"
         if runtime.provider != "CPUExecutionProvider" or cores < 2 or self.settings.intra_op_threads:
             return 1, None
         single = self._runtime_factory(path, self.settings.model_copy(update={"intra_op_threads": 1}))
-        t_single = self._warm(mv, single, record=False).batch_s[batch] / batch
+        t_single = self._warm(name, version, single).batch_s[batch] / batch
         t_all = warm.batch_s[batch] / batch
         if cores / t_single >= 1.15 / t_all:
             return cores, single
