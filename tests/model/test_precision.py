@@ -197,3 +197,13 @@ def test_gate_views_are_natural_crops_through_the_pixel_path() -> None:
     assert views.images.shape == (PHOTO_VIEWS, 64, 64, 3)
     assert views.images.dtype == np.uint8
     assert len({v.tobytes() for v in views.images}) == PHOTO_VIEWS  # every view a different picture
+
+
+def test_inspect_shows_how_int8_was_made(int8_dynamic: tuple[Path, str], run_deepvit: Any) -> None:
+    result = run_deepvit("inspect", int8_dynamic[0])
+    assert result.code == 0, result.stderr
+    assert "classes, int8" in result.stdout
+    assert "quantized    dynamic QOperator, MatMul, no calibration" in result.stdout
+    assert "natural images (passed)" in result.stdout
+    assert "int8 speed   batch 1:" in result.stdout
+    assert "int8 speed   batch 8:" in result.stdout
