@@ -39,6 +39,11 @@ def register(sub: Any) -> None:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (state_dict_ema)")
     p.add_argument("--labels", type=Path, help="class names, one per line (default: ImageNet-1k for 1000 classes)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="add the 'attention' output (attention rollout over the patch grid) that POST /explain serves",
+    )
     p.add_argument("--name", help="model name recorded in the artifact (default: the arch or config file name)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--output", type=Path, required=True, metavar="PATH/model.onnx")
@@ -139,7 +144,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         source = "random_init"
         _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
-    info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision)
+    info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision, explain=args.explain)
     export_artifact(model, info, args.output, log=_log)
     return 0
 
@@ -172,7 +177,8 @@ def _verify(args: argparse.Namespace) -> int:
     recorded = meta.checkpoint_sha256
     if recorded and recorded != sha:
         _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
-    report = check_parity(ImageClassifier(model).eval(), str(args.artifact), meta.precision, cfg.img_size)
+    reference = ImageClassifier(model, explain=meta.attention is not None).eval()
+    report = check_parity(reference, str(args.artifact), meta.precision, cfg.img_size)
     print(json.dumps(report.to_dict(), indent=2))
     if not report.passed:
         _log(f"parity FAILED: {report.summary()}")

@@ -1,7 +1,8 @@
 """Export a DeepViT to the one self-describing artifact the service loads (``deepvit.artifact``).
 
 The graph takes ``uint8 [N, crop, crop, 3]`` RGB and does cast, normalisation and NHWC→NCHW itself, so a
-client or the service only resizes and crops. ``metadata_props`` carry everything the service needs.
+client or the service only resizes and crops. ``metadata_props`` carry everything the service needs. With
+``explain`` the graph has a second output, ``attention``: the attention rollout of :mod:`.rollout`.
 The parity gate runs before anything is written; the file appears by an atomic rename or not at all.
 """
 
@@ -17,12 +18,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from deepvit.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, AttentionSpec
 
 from .atomic import atomic_path
 from .config import DeepViTConfig
 from .net import DeepViT
 from .parity import PARITY_BATCH_SIZES, ParityError, ParityReport, check_parity
+from .rollout import ROLLOUT_DEFINITION, attention_rollout
 
 Precision = Literal["fp32", "fp16"]
 WeightsSource = Literal["state_dict", "ema", "random_init"]
@@ -30,24 +32,29 @@ OPSET = 18
 
 
 class ImageClassifier(nn.Module):
-    """uint8 NHWC RGB in, float32 logits out: preprocessing after the crop lives inside the graph."""
+    """uint8 NHWC RGB in, float32 logits out (and with ``explain`` the float32 attention rollout over the
+    patch grid): preprocessing after the crop lives inside the graph."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32, explain: bool = False) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.explain = explain
         pre = model.cfg.preprocessing
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=dtype).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std, dtype=dtype).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         x = image.permute(0, 3, 1, 2).to(self.dtype)  # (N, 3, H, W)
         x = (x / 255.0 - self.mean) / self.std  # as the reference ToTensor + Normalize
-        logits: Tensor = self.model(x)
-        return logits.float()  # (N, classes)
+        if not self.explain:
+            logits: Tensor = self.model(x)
+            return logits.float()  # (N, classes)
+        logits, maps = self.model.forward_with_attention(x)
+        return logits.float(), attention_rollout(maps)  # (N, classes), (N, G²)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class ArtifactInfo:
     weights: WeightsSource
     checkpoint_sha256: str | None
     precision: Precision
+    explain: bool = False  # the graph also outputs the attention rollout
 
     def metadata(self, parity: ParityReport) -> ArtifactMetadata:
         return ArtifactMetadata(
@@ -76,6 +84,9 @@ class ArtifactInfo:
             parity=parity.to_dict(),
             versions=tool_versions(),
             exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            attention=AttentionSpec(self.config.img_size // self.config.patch_size, ROLLOUT_DEFINITION)
+            if self.explain
+            else None,
         )
 
 
@@ -96,7 +107,7 @@ def to_onnx(wrapper: ImageClassifier, image_size: int) -> Any:
         wrapper.eval(),
         (example,),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, ATTENTION_NAME] if wrapper.explain else [OUTPUT_NAME],
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
         opset_version=OPSET,
         dynamo=True,
@@ -122,14 +133,15 @@ def export_artifact(
     output = Path(output)
     size = info.config.img_size
     model = model.eval()
-    reference = ImageClassifier(model, torch.float32).eval()
+    reference = ImageClassifier(model, torch.float32, info.explain).eval()
     if info.precision == "fp16":
         half = DeepViT(info.config).eval()
         half.load_state_dict(model.state_dict())
-        wrapper = ImageClassifier(half.half(), torch.float16).eval()
+        wrapper = ImageClassifier(half.half(), torch.float16, info.explain).eval()
     else:
         wrapper = reference
-    log(f"exporting {info.name} ({info.precision}) to ONNX opset {OPSET}…")
+    with_attention = " with the attention output" if info.explain else ""
+    log(f"exporting {info.name} ({info.precision}){with_attention} to ONNX opset {OPSET}…")
     proto = to_onnx(wrapper, size)
     parity_batch_sizes = parity_batch_sizes or PARITY_BATCH_SIZES[info.precision]
     log(f"checking parity with PyTorch at batch sizes {list(parity_batch_sizes)}…")
