@@ -24,8 +24,9 @@ from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .models.manager import ModelManager
 from .models.sync import RepositorySync
-from .routes import classify, health, oip
+from .routes import classify, explain, health, oip
 from .runtime import GpuRequiredError, LoadCancelledError
+from .web import page
 
 log = logging.getLogger("deepvit.app")
 
@@ -139,6 +140,8 @@ def create_app(
     _install_error_handlers(app, ctx)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(explain.router)
     app.include_router(oip.router)
+    app.include_router(page.router)
     app.add_middleware(RequestMiddleware, ctx=ctx)
     return app

@@ -166,7 +166,9 @@ async def _infer(request: Request, ctx: AppContext, name: str, version: int | No
             assert images.pixels is not None
             answer = await call.infer(images.pixels)
     request.state.log.update(answer.log_fields())
-    content, headers = encode_answer(decoded.request, answer.model, io, answer.logits, decoded.outputs)
+    content, headers = encode_answer(
+        decoded.request, answer.model, io, answer.logits, decoded.outputs, attention=answer.attention
+    )
     media_type = headers.pop("content-type")
     return Response(content, headers=headers, media_type=media_type)
 
