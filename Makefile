@@ -70,7 +70,8 @@ clean:
 # `make demo`: the training side end to end on the CPU in a few minutes, nothing downloaded. It draws a
 # labelled set of coloured shapes (8 classes, 150 train + 25 val images each), trains the tiny DeepViT of
 # tests/data/tiny_shapes.json, exports the best checkpoint (gated on parity) into a model repository, and
-# evaluates checkpoint and artifact on the validation images: the two top-1 figures must be equal.
+# evaluates checkpoint and artifact on the validation images: the two top-1 figures must be equal. The
+# export has the attention output, so the served demo model answers POST /explain and shows its heat map on /.
 # The recipe departs from the official ImageNet defaults (RandAugment, mixup/cutmix, random erasing, drop
 # path 0.2, aspect-ratio jitter, 300 epochs) where they are made for a million images and a GPU budget; on
 # 1200 images of 32 px they only slow a two-minute run down. tests/model/test_train_e2e.py runs this recipe.
@@ -83,7 +84,7 @@ demo: dev
 	$(BIN)/python -m deepvit.model.training.synthetic --output $(DEMO_DIR)/data
 	$(BIN)/deepvit train --data $(DEMO_DIR)/data --model-config tests/data/tiny_shapes.json --output $(DEMO_DIR)/run $(DEMO_TRAIN_ARGS)
 	$(BIN)/deepvit export --model-config $(DEMO_DIR)/run/model_config.json --checkpoint $(DEMO_DIR)/run/best.pth.tar \
-	  --labels $(DEMO_DIR)/run/labels.txt --name shapes --output $(DEMO_DIR)/models/shapes/1/model.onnx
+	  --labels $(DEMO_DIR)/run/labels.txt --name shapes --explain --output $(DEMO_DIR)/models/shapes/1/model.onnx
 	$(BIN)/deepvit evaluate --checkpoint $(DEMO_DIR)/run/best.pth.tar --data $(DEMO_DIR)/data/val
 	$(BIN)/deepvit evaluate --artifact $(DEMO_DIR)/models/shapes/1/model.onnx --data $(DEMO_DIR)/data/val
 	@echo "demo: curves in $(DEMO_DIR)/run/curves.png, per-epoch log in $(DEMO_DIR)/run/log.jsonl,"
