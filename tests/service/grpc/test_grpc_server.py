@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 PHOTOS = sorted((DATA / "photos").glob("*.jpg"))[:3]
 MODEL = "tiny"
 BODY_LIMIT = 2 * 1024 * 1024  # the server's message limit here, so that an oversized one is cheap to send
+MAX_PENDING = 40  # images in the pipeline at once: a request of more is refused as overloaded
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "DEEPVIT_MAX_QUEUE_DELAY_MS": "1",
         "DEEPVIT_REPOSITORY_CONTROL": "true",
         "DEEPVIT_MAX_BODY_BYTES": str(BODY_LIMIT),
+        "DEEPVIT_MAX_PENDING_IMAGES": str(MAX_PENDING),
     }
     with running_server(artifact.parents[2], tmp_path_factory.mktemp("logs") / "server.log", env) as s:
         yield s
@@ -230,6 +232,24 @@ def test_over_the_limits_is_resource_exhausted(client: tg.InferenceServerClient)
     code, message = failure(client.infer, MODEL, [uint8_input(pixels(65))])
     assert code == "StatusCode.RESOURCE_EXHAUSTED"
     assert "65 images in one request; the limit is 64" in message
+
+
+def test_overload_is_unavailable_with_the_reason(server: Server) -> None:
+    """More images than the pipeline may hold: refused at once, before decoding, as a load balancer or a
+    retrying client reads it (the reason and a retry delay in the trailing metadata too)."""
+    x = pixels(MAX_PENDING + 1)
+    inp = service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=list(x.shape))
+    request = service_pb2.ModelInferRequest(model_name=MODEL, inputs=[inp], raw_input_contents=[x.tobytes()])
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the server is overloaded" in (err.value.details() or "")
+    trailers = dict(err.value.trailing_metadata() or ())
+    assert trailers["deepvit-reason"] == "overloaded"
+    assert int(trailers["retry-after"]) >= 1
+    with server.client() as http:
+        rejected = metric_samples(http.get("/metrics").text, "deepvit_rejected_requests_total")
+    assert rejected['{reason="overloaded"}'] >= 1
 
 
 def test_the_callers_deadline_bounds_the_call(client: tg.InferenceServerClient) -> None:
