@@ -93,8 +93,10 @@ class DrainingServer(uvicorn.Server):
         if self.grpc is not None:
             await self.grpc.drain()
         clean = await self.ctx.drain(self.grace_s)
-        if self.grpc is not None:  # its accepted calls are answered (the drain counted them): stop listening
-            await self.grpc.stop(max(0.0, self.grace_s - (time.monotonic() - started)))
+        if self.grpc is not None:
+            # Its accepted calls are answered (the drain counted them); what is left are health Watch streams,
+            # which never end by themselves: a second, not the rest of the grace period.
+            await self.grpc.stop(min(1.0, max(0.0, self.grace_s - (time.monotonic() - started))))
         # uvicorn's own graceful shutdown (closing connections, the lifespan's model release) gets what is
         # left of the grace period, not a second one.
         remaining = self.grace_s - (time.monotonic() - started)

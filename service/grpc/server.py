@@ -65,7 +65,8 @@ class GrpcServer:
         await self.health.drain()
 
     async def stop(self, grace_s: float) -> None:
-        """Stop listening; calls still running get ``grace_s`` (the drain waited for them already)."""
+        """Stop listening; calls still running (health Watch streams: the drain waited for the rest) get
+        ``grace_s``, then are cancelled."""
         if self._follow is not None:
             self._follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
