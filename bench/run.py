@@ -164,15 +164,15 @@ def bench_http(
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
-        rows = []
+        http, grpc = [], []
+        target = f"127.0.0.1:{grpc_port}"
+        # Interleaved by concurrency, so that a shared machine's drift does not favour one protocol.
         for c in concurrencies:
             run_hey(hey, url + "/classify", photo, c, 1)  # not measured: connections and queues warm up
-            rows.append(run_hey(hey, url + "/classify", photo, c, duration_s))
-        target = f"127.0.0.1:{grpc_port}"
-        for c in concurrencies:
-            run_grpc(target, model, photo, c, 1)  # not measured, as for hey
-            rows.append(run_grpc(target, model, photo, c, duration_s))
-        return rows
+            http.append(run_hey(hey, url + "/classify", photo, c, duration_s))
+            run_grpc(target, model, photo, c, 1)
+            grpc.append(run_grpc(target, model, photo, c, duration_s))
+        return http + grpc
     finally:
         _stop(proc)
 
