@@ -5,6 +5,7 @@ answers equal to running the artifact directly."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import tritonclient.grpc as tg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from serving import DATA, Server, export_tiny, metric_samples, running_server
+from serving import DATA, Server, export_tiny, metric_samples, running_server, start_server, stop_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -298,3 +299,24 @@ def test_load_and_unload_need_repository_control(artifact: Path, tmp_path: Path)
         assert code == "StatusCode.PERMISSION_DENIED"
         assert "DEEPVIT_REPOSITORY_CONTROL=true" in message
         assert c.is_model_ready(MODEL)
+
+
+def test_a_taken_port_stops_the_start_naming_the_setting(artifact: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="server exited with 1") as err:  # before HTTP listens
+            start_server(artifact.parents[2], tmp_path / "server.log", {"DEEPVIT_GRPC_PORT": str(port)}, False)
+    assert f"gRPC could not listen on 127.0.0.1:{port}" in str(err.value)
+    assert "DEEPVIT_GRPC_PORT" in str(err.value)
+
+
+def test_port_0_turns_grpc_off(artifact: Path, tmp_path: Path) -> None:
+    server = start_server(artifact.parents[2], tmp_path / "server.log", {"DEEPVIT_GRPC_PORT": "0"})
+    try:
+        with server.client() as http:
+            assert http.get("/readyz").status_code == 200
+        assert "grpc_started" not in server.logs()
+    finally:
+        stop_server(server)
