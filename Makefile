@@ -9,7 +9,7 @@ DEFAULT_MODEL ?= deepvit_S
 EXTRAS ?= train,dev
 TOOLS_VENV ?= .venv-tools
 
-.PHONY: help serve test lint pytest dev tools default-model bench clean
+.PHONY: help serve test lint pytest dev tools default-model bench clean proto
 
 help:
 	@echo "make serve   set up .venv, export the embedded default model if $(MODEL_REPOSITORY)/ is empty, serve on $(HOST):$(PORT)"
@@ -40,6 +40,10 @@ $(TOOLS_VENV)/.installed: tests/deploy/requirements-tools.txt tests/deploy/crd/p
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed
+
+# The gRPC message classes, committed: regenerated from the vendored protos with the pinned grpcio-tools.
+proto: dev
+	sh service/grpc/proto/generate.sh $(BIN)/python
 
 # The embedded default: deepvit_S with random weights, exported only when the repository holds no model.
 default-model: dev

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmark table: ONNX Runtime, in-process pipeline, HTTP under hey")
+    p = sub.add_parser("bench", help="benchmark table: ONNX Runtime, in-process pipeline, HTTP under hey, gRPC")
     p.add_argument("--model-repository", type=Path, default=Path("models"))
     p.add_argument("--model", help="model name (default: the first in the repository)")
     p.add_argument("--photos", type=Path, default=Path("tests/data/photos"), help="folder of *.jpg photographs")

@@ -3,7 +3,9 @@
 1. raw ONNX Runtime: uint8 batches of 1..64, images/s;
 2. the in-process pipeline: decode + preprocess (thread pool, as the service) + batched inference;
 3. the service over HTTP: a real ``deepvit serve`` process driven by ``hey`` (an established load generator)
-   at several concurrencies with real JPEG photographs: images/s and p50/p95/p99 latency.
+   at several concurrencies with real JPEG photographs: images/s and p50/p95/p99 latency;
+4. the same process over gRPC, the same photograph as an encoded ``BYTES`` input with the top 5 asked for,
+   at the same concurrencies (``bench/grpc_load.py``: Triton's own client).
 
 Ratios between the layers are the figures to quote: the machine may be shared and noisy.
 """
@@ -32,6 +34,8 @@ from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.service.config import Settings
 from deepvit.service.models.disk import scan_repository
 from deepvit.service.runtime import ModelRuntime
+
+from .grpc_load import drive
 
 
 @dataclass
@@ -127,25 +131,48 @@ def run_hey(hey: str, url: str, photo: Path, concurrency: int, duration_s: float
     )
 
 
+def run_grpc(target: str, model: str, photo: Path, concurrency: int, duration_s: float) -> Row:
+    load = drive(target, model, photo.read_bytes(), concurrency, duration_s)
+    return Row(
+        "gRPC service",
+        f"tritonclient.grpc.aio, concurrency {concurrency}",
+        len(load.times) / load.wall_s if load.times else float("nan"),
+        _percentile(load.times, 50),
+        _percentile(load.times, 95),
+        _percentile(load.times, 99),
+        load.errors,
+    )
+
+
 def bench_http(
     repository: Path, model: str, photo: Path, concurrencies: Sequence[int], duration_s: float, log: Path
 ) -> list[Row]:
+    """The service over HTTP (hey on /classify), then the same process over gRPC: same model, same photo."""
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
-    port = _free_port()
-    env = {**os.environ, "DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model}
+    port, grpc_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "DEEPVIT_LOG_LEVEL": "warning",
+        "DEEPVIT_DEFAULT_MODEL": model,
+        "DEEPVIT_GRPC_PORT": str(grpc_port),
+    }
     cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
-        rows = []
+        http, grpc = [], []
+        target = f"127.0.0.1:{grpc_port}"
+        # Interleaved by concurrency, so that a shared machine's drift does not favour one protocol.
         for c in concurrencies:
             run_hey(hey, url + "/classify", photo, c, 1)  # not measured: connections and queues warm up
-            rows.append(run_hey(hey, url + "/classify", photo, c, duration_s))
-        return rows
+            http.append(run_hey(hey, url + "/classify", photo, c, duration_s))
+            run_grpc(target, model, photo, c, 1)
+            grpc.append(run_grpc(target, model, photo, c, duration_s))
+        return http + grpc
     finally:
         _stop(proc)
 
@@ -232,11 +259,14 @@ def run_bench(
     pipeline = next(r for r in rows if r.layer == "in-process pipeline").images_per_s
     http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
     ratios = ", ".join(f"{k.split()[-1]}: {v / pipeline:.0%}" for k, v in http.items())
+    grpc = [r.images_per_s for r in rows if r.layer == "gRPC service"]
+    versus = ", ".join(f"{k.split()[-1]}: {g / v:.2f}x" for (k, v), g in zip(http.items(), grpc, strict=True))
     header = (
         f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
         f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
-        f"HTTP throughput / in-process pipeline, by concurrency: {ratios}"
+        f"HTTP throughput / in-process pipeline, by concurrency: {ratios}\n\n"
+        f"gRPC throughput / HTTP throughput, by concurrency: {versus}"
     )
     table = render(rows, header)
     if output is not None:

@@ -10,10 +10,11 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a model repository over HTTP (settings also from DEEPVIT_* env)")
+    p = sub.add_parser("serve", help="serve a model repository over HTTP and gRPC (settings also from DEEPVIT_* env)")
     p.add_argument("--model-repository", type=Path, help="<repository>/<name>/<version>/model.onnx")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="port of the gRPC Open Inference Protocol (default 8001; 0: off)")
     p.add_argument("--default-model", help="model that /classify uses when none is named")
     p.set_defaults(handler=_serve)
 
@@ -44,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model_repository": args.model_repository,
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
         "default_model": args.default_model,
     }
     try:

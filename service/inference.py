@@ -180,11 +180,12 @@ class Call:
         self.pipeline.admission.admit(more)
         self.reserved += more
 
-    def received(self, images: int | None = None) -> None:
+    def received(self, images: int | None = None, within_s: float | None = None) -> None:
         """The body is in: the deadline counts from now (a slow upload is the client's link, not a queue to
         report), the request counts in ``deepvit_inflight_requests``, and a request of several images is
-        admitted again with its count."""
-        self.deadline = time.monotonic() + self.pipeline.settings.request_timeout_s
+        admitted again with its count. ``within_s``: the caller's own deadline (gRPC's), when it is sooner."""
+        timeout = self.pipeline.settings.request_timeout_s
+        self.deadline = time.monotonic() + (timeout if within_s is None else min(timeout, within_s))
         if not self._in_flight:
             self._in_flight = True
             self.pipeline.metrics.inflight.inc()

@@ -152,20 +152,27 @@ def _param(params: Parameters, key: str, kind: type[bool] | type[int], where: st
     return value
 
 
-def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Images:
-    """The request's one input, checked against the model: name, datatype, shape, data."""
+def the_input(req: InferenceRequest, io: ModelIO, max_images: int) -> RequestInput:
+    """The request's one input, checked against the model (name, datatype, shape, batch size) before its
+    data is looked at: both protocols' front ends call this."""
     if len(req.inputs) != 1:
         names = ", ".join(repr(i.name) for i in req.inputs)
         raise BadRequestError(f"the model takes one input, {io.input_name!r}; the request has {names}")
     inp = req.inputs[0]
     if inp.name != io.input_name:
         raise BadRequestError(f"unknown input {inp.name!r}; the model's input is {io.input_name!r}")
-    where = f"input {inp.name!r}"
     if any(k.startswith("shared_memory") for k in inp.parameters):
-        raise BadRequestError(f"{where}: shared memory is not supported; send the data in the request")
+        raise BadRequestError(f"input {inp.name!r}: shared memory is not supported; send the data in the request")
     n = _check_shape(inp, io)
     if n > max_images:
         raise PayloadTooLargeError(f"{n} images in one request; the limit is {max_images}")
+    return inp
+
+
+def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Images:
+    """The request's one input, checked against the model: name, datatype, shape, data."""
+    inp = the_input(req, io, max_images)
+    where = f"input {inp.name!r}"
     data = BinaryData(binary)
     size = _param(inp.parameters, "binary_data_size", int, where)
     if size is not None and size < 0:
