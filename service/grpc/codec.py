@@ -18,7 +18,9 @@ import numpy as np
 from google.protobuf.message import Message
 from pydantic import ValidationError
 
-from ..errors import BadRequestError
+from deepvit.artifact import ATTENTION_NAME
+
+from ..errors import BadRequestError, InferenceError
 from ..models.manager import ModelVersion
 from ..oip.codec import decode_tensor, element_count, serialize_bytes_tensor
 from ..oip.inference import Decoded, Images, ModelIO, classification, the_input, wanted_outputs
@@ -97,12 +99,19 @@ def _typed(inp: RequestInput, contents: pb.InferTensorContents) -> np.ndarray | 
     return arr.astype(np.uint8).reshape(inp.shape)
 
 
-def encode_answer(decoded: Decoded, mv: ModelVersion, io: ModelIO, logits: np.ndarray) -> pb.ModelInferResponse:
-    """The response, every output in ``raw_output_contents``."""
+def encode_answer(
+    decoded: Decoded, mv: ModelVersion, io: ModelIO, logits: np.ndarray, attention: np.ndarray | None = None
+) -> pb.ModelInferResponse:
+    """The response, every output in ``raw_output_contents``; ``attention`` (N, grid²) when one asks for it."""
     response = pb.ModelInferResponse(model_name=mv.name, model_version=str(mv.version), id=decoded.request.id or "")
     n = len(logits)
     for o in decoded.outputs:
-        if o.classification:
+        if o.name == ATTENTION_NAME:
+            if attention is None:  # the version that answered was replaced by one without it meanwhile
+                raise InferenceError(f"model {mv.name} version {mv.version} gave no {ATTENTION_NAME!r} output")
+            response.outputs.add(name=o.name, datatype="FP32", shape=[n, io.attention_cells])
+            response.raw_output_contents.append(np.ascontiguousarray(attention, dtype="<f4").tobytes())
+        elif o.classification:
             strings = classification(logits, o.classification, io.labels, o.probability)
             response.outputs.add(name=o.name, datatype="BYTES", shape=[n, o.classification])
             response.raw_output_contents.append(serialize_bytes_tensor(strings))

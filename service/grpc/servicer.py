@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from ..context import AppContext
 from ..errors import (
     BadRequestError,
+    ConflictError,
     DeadlineExceededError,
     ForbiddenError,
     NotFoundError,
@@ -47,6 +48,7 @@ Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]
 
 _CODES: dict[type[ServiceError], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
+    ConflictError: grpc.StatusCode.FAILED_PRECONDITION,  # a model without the attention output
     ForbiddenError: grpc.StatusCode.PERMISSION_DENIED,
     PayloadTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
@@ -215,7 +217,7 @@ class InferenceServicer:
                 assert images.pixels is not None
                 answer = await call.infer(images.pixels)
         _log_fields.get().update(answer.log_fields())
-        return encode_answer(decoded, answer.model, io, answer.logits)
+        return encode_answer(decoded, answer.model, io, answer.logits, answer.attention)
 
     # -- the repository extension --------------------------------------------------------------------
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
