@@ -22,6 +22,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="instead: open-loop load at --factor times the measured capacity (see bench/overload.py)",
     )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="MODEL",
+        help="instead: these models side by side in one run (e.g. fp32 and int8 exports; see bench/compare.py)",
+    )
     p.add_argument("--factor", type=float, default=3.0, help="offered load / capacity (--overload)")
     p.add_argument("--overload-seconds", type=float, default=60.0, help="length of the overload (--overload)")
     p.add_argument("--deadline", type=float, default=2.0, help="DEEPVIT_REQUEST_TIMEOUT_S of the server (--overload)")
@@ -41,6 +47,22 @@ def _bench(args: argparse.Namespace) -> int:
         return _overload(args)
     if args.attention_cost:
         return _attention_cost(args)
+    if args.compare:
+        from .compare import run_compare
+
+        print(
+            run_compare(
+                args.model_repository,
+                args.compare,
+                args.photos,
+                args.output,
+                args.concurrency,
+                args.batch_sizes,
+                args.duration,
+                args.min_time,
+            )
+        )
+        return 0
     from .run import run_bench
 
     table = run_bench(

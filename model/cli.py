@@ -38,7 +38,25 @@ def register(sub: Any) -> None:
     w.add_argument("--random-init", action="store_true", help="untrained weights (recorded as such)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights (state_dict_ema)")
     p.add_argument("--labels", type=Path, help="class names, one per line (default: ImageNet-1k for 1000 classes)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="fp16 and int8 are gated on natural images: top-1 agreement with float32 >= 99%%",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="int8: images (an image folder will do) to calibrate static QDQ quantization on; without it, "
+        "dynamic quantization. Any precision: also gated on",
+    )
+    p.add_argument(
+        "--gate-images",
+        type=Path,
+        metavar="DIR",
+        help="photographs the accuracy gate of fp16 and int8 takes views of (default: the project's, in a checkout)",
+    )
     p.add_argument(
         "--explain",
         action="store_true",
@@ -54,6 +72,14 @@ def register(sub: Any) -> None:
     _add_model_choice(p, required=False)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--ema", action="store_true")
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="the provider to measure on (cuda: the one that will serve; an error where CUDA is not used)",
+    )
+    p.add_argument("--gate-images", type=Path, metavar="DIR", help="fp16 and int8: photographs for the accuracy gate")
+    p.add_argument("--calibration", type=Path, metavar="DIR", help="fp16 and int8: further images for the gate")
     p.set_defaults(handler=_verify, model_side=True)
 
     from .training import cli as training_cli  # train, evaluate
@@ -144,8 +170,10 @@ def _export(args: argparse.Namespace) -> int:
     else:
         source = "random_init"
         _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
+    if args.calibration is not None and args.precision == "fp32":
+        _log("note: --calibration only adds to the gate of fp16 and int8; float32 is gated on parity alone")
     info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision, explain=args.explain)
-    export_artifact(model, info, args.output, log=_log)
+    export_artifact(model, info, args.output, gate_photos=args.gate_images, calibration=args.calibration, log=_log)
     return 0
 
 
@@ -177,11 +205,32 @@ def _verify(args: argparse.Namespace) -> int:
     recorded = meta.checkpoint_sha256
     if recorded and recorded != sha:
         _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
+    from deepvit.artifact.session import open_session, providers_for
+
+    from .accuracy import check_accuracy, folder_images, gate_images
+    from .parity import ParityError
+
+    providers = providers_for(args.provider)
+    if args.provider == "cuda":
+        used = open_session(args.artifact, providers, optimize=False).get_providers()[0]
+        if used != "CUDAExecutionProvider":
+            raise ParityError(f"--provider cuda: ONNX Runtime runs {args.artifact} on {used}, not CUDA")
     reference = ImageClassifier(model, explain=meta.attention is not None).eval()
-    report = check_parity(reference, str(args.artifact), meta.precision, cfg.img_size)
-    print(json.dumps(report.to_dict(), indent=2))
-    if not report.passed:
-        _log(f"parity FAILED: {report.summary()}")
-        return 1
-    _log(f"parity ok: {report.summary()}")
-    return 0
+    out: dict[str, object] = {"precision": meta.precision}
+    passed = True
+    if meta.precision != "int8":  # an int8 graph is not the float model numerically; its gate is accuracy
+        report = check_parity(reference, str(args.artifact), meta.precision, cfg.img_size, providers=providers)
+        out.update(report.to_dict())
+        passed = report.passed
+        _log(f"parity {'ok' if report.passed else 'FAILED'}: {report.summary()}")
+    if meta.precision != "fp32":
+        spec = meta.preprocess
+        calibration = folder_images(args.calibration, spec) if args.calibration else None
+        accuracy = check_accuracy(
+            reference, str(args.artifact), meta.precision, gate_images(spec, args.gate_images, calibration), providers
+        )
+        out["accuracy"] = accuracy.to_dict()
+        passed = passed and accuracy.passed
+        _log(f"accuracy {'ok' if accuracy.passed else 'FAILED'}: {accuracy.summary()}")
+    print(json.dumps({**out, "passed": passed}, indent=2))
+    return 0 if passed else 1

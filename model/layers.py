@@ -84,7 +84,8 @@ class Attention(nn.Module):
         if reattention:
             # Created before qkv, as officially, so the state-dict order matches.
             self.reatten_matrix = nn.Conv2d(num_heads, num_heads, kernel_size=1, stride=1)
-            self.var_norm = nn.BatchNorm2d(num_heads)
+            # A module, not BatchNorm2d: export folds it into reatten_matrix and leaves an Identity here.
+            self.var_norm: nn.Module = nn.BatchNorm2d(num_heads)
             self.reatten_scale = self.scale if transform_scale else 1.0
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)

@@ -1,7 +1,9 @@
-"""Parity between the PyTorch model and its ONNX export, run by ONNX Runtime on the CPU."""
+"""Parity between the PyTorch model and its ONNX export on noise images, run by ONNX Runtime (on the CPU
+unless told otherwise). A reduced precision is also gated on natural images: see :mod:`.accuracy`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -9,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepvit.artifact.session import open_session
+from deepvit.artifact.session import CPU, Provider, open_session
 
 # Gates of the export (float32 must be numerically the same model; fp16 must keep its decisions).
 FP32_MAX_ABS_DIFF = 1e-4
@@ -80,6 +82,7 @@ def check_parity(
     image_size: int,
     batch_sizes: tuple[int, ...] | None = None,
     seed: int = 0,
+    providers: Sequence[Provider] = CPU,
 ) -> ParityReport:
     """Run both on the same fresh uint8 images; ``reference`` takes the artifact's input (NHWC uint8) and
     returns the logits, or the logits and the attention rollout when the artifact has that output too.
@@ -88,7 +91,7 @@ def check_parity(
     ``batch_sizes`` defaults to the precision's ``PARITY_BATCH_SIZES``.
     """
     batch_sizes = batch_sizes or PARITY_BATCH_SIZES[precision]
-    session = open_session(onnx_model)
+    session = open_session(onnx_model, providers)
     input_name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
     diffs, attention_diffs, agree, total = [], [], 0, 0
@@ -116,6 +119,6 @@ def check_parity(
         images=total,
         max_abs_logit_diff=max(diffs),
         top1_agreement=agree / total,
-        provider="CPUExecutionProvider",
+        provider=str(session.get_providers()[0]),
         max_abs_attention_diff=max(attention_diffs) if attention_diffs else None,
     )

@@ -80,6 +80,30 @@ def _serve(args: argparse.Namespace) -> int:
     return run(settings)
 
 
+def _reduced_precision_lines(accuracy: dict[str, Any], quantization: dict[str, Any]) -> list[str]:
+    """fp16 and int8: the gate on natural images; int8: how it was quantized and its speed beside fp32."""
+    lines = []
+    if accuracy:
+        lines.append(
+            f"accuracy     top-1 agreement {accuracy.get('top1_agreement', float('nan')):.2%} with float32, mean |dp| "
+            f"{accuracy.get('mean_abs_prob_diff', float('nan')):.2g} over {accuracy.get('images', 0)} natural images "
+            f"({'passed' if accuracy.get('passed') else 'FAILED'})"
+        )
+    if quantization:
+        calibration = quantization.get("calibration") or {}
+        how = f"calibrated on {calibration.get('images')} images" if calibration else "no calibration"
+        lines.append(
+            f"quantized    {quantization.get('method')} {quantization.get('quant_format')}, "
+            f"{'/'.join(quantization.get('op_types', []))}, {how}"
+        )
+        for s in quantization.get("speed", []):
+            lines.append(
+                f"int8 speed   batch {s['batch_size']}: {s['fp32_ms']:.2f} ms fp32 -> {s['int8_ms']:.2f} ms int8 per "
+                f"image ({s['speedup']:.2f}x) where it was exported"
+            )
+    return lines
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from deepvit.artifact import ArtifactError
     from deepvit.artifact.session import read_metadata
@@ -117,6 +141,7 @@ def _inspect(args: argparse.Namespace) -> int:
             if parity
             else "-"
         ),
+        *_reduced_precision_lines(meta.accuracy, meta.quantization),
         f"exported     {meta.exported_at or '-'} with "
         + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())),
     ]

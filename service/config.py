@@ -11,9 +11,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Provider = Literal["cuda", "cpu"]
+Provider = Literal["tensorrt", "cuda", "cpu"]
 
-PROVIDER_NAMES: dict[str, str] = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+PROVIDER_NAMES: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
 
 
 class Settings(BaseSettings):
@@ -48,6 +52,19 @@ class Settings(BaseSettings):
     arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
         "kSameAsRequested", description="how the CUDA arena grows"
     )
+    io_binding: bool = Field(
+        False, description="bind a preallocated input buffer and the outputs per batch size (one copy to the device)"
+    )
+    pad_to_buckets: bool = Field(
+        False, description="pad each batch up to the next warm-up shape, so that only those shapes ever run"
+    )
+    cuda_graph: bool = Field(
+        False, description="CUDA graphs, one per warm-up shape (implies io_binding and pad_to_buckets; CUDA only)"
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None, description="writable directory for TensorRT's engine and timing caches (provider tensorrt)"
+    )
+    tensorrt_fp16: bool = Field(True, description="let TensorRT run layers in fp16 (provider tensorrt)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
@@ -113,7 +130,7 @@ class Settings(BaseSettings):
     @classmethod
     def _providers_not_empty(cls, v: list[Provider]) -> list[Provider]:
         if not v:
-            raise ValueError("at least one provider is needed (cuda, cpu)")
+            raise ValueError("at least one provider is needed (tensorrt, cuda, cpu)")
         if len(set(v)) != len(v):
             raise ValueError("a provider is listed twice")
         return v
@@ -126,8 +143,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _gpu_consistent(self) -> Settings:
-        if self.require_gpu and "cuda" not in self.providers:
-            raise ValueError("require_gpu is set but cuda is not among the providers")
+        if self.require_gpu and not self.gpu_providers:
+            raise ValueError("require_gpu is set but neither cuda nor tensorrt is among the providers")
+        if self.cuda_graph and "cuda" not in self.providers:
+            raise ValueError("cuda_graph is set but cuda is not among the providers")
         if self.max_decode_memory_bytes < 8 * self.max_image_pixels:
             raise ValueError(
                 f"max_decode_memory_bytes ({self.max_decode_memory_bytes}) must hold the largest image allowed: "
@@ -141,6 +160,18 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def gpu_providers(self) -> list[str]:
+        return [p for p in self.providers if p != "cpu"]
+
+    @property
+    def binds_io(self) -> bool:
+        return self.io_binding or self.cuda_graph
+
+    @property
+    def pads_to_buckets(self) -> bool:
+        return self.pad_to_buckets or self.cuda_graph
+
+    @property
     def admission_wait_s(self) -> float:
         return self.admission_max_wait_s or self.request_timeout_s / 2
 
@@ -148,10 +179,24 @@ class Settings(BaseSettings):
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
 
-    def ort_providers(self) -> list[str | tuple[str, dict[str, str]]]:
+    def ort_providers(self, input_shapes: dict[int, str] | None = None) -> list[str | tuple[str, dict[str, str]]]:
+        """ONNX Runtime's provider list. ``input_shapes`` (batch size → the input's ``name:NxHxWxC``) gives
+        TensorRT its optimisation profile: the smallest and largest warm-up shapes, optimised for the largest."""
         out: list[str | tuple[str, dict[str, str]]] = []
         for p in self.providers:
-            if p == "cuda":
+            if p == "tensorrt":
+                trt = {"device_id": str(self.gpu_device_id), "trt_fp16_enable": str(self.tensorrt_fp16)}
+                if self.tensorrt_cache_dir is not None:
+                    cache = str(self.tensorrt_cache_dir)
+                    trt |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": cache}
+                    trt |= {"trt_timing_cache_enable": "True", "trt_timing_cache_path": cache}
+                if input_shapes:
+                    sizes = sorted(input_shapes)
+                    trt["trt_profile_min_shapes"] = input_shapes[sizes[0]]
+                    trt["trt_profile_opt_shapes"] = input_shapes[sizes[-1]]
+                    trt["trt_profile_max_shapes"] = input_shapes[sizes[-1]]
+                out.append((PROVIDER_NAMES[p], trt))
+            elif p == "cuda":
                 opts = {
                     "device_id": str(self.gpu_device_id),
                     "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
@@ -159,6 +204,8 @@ class Settings(BaseSettings):
                 }
                 if self.gpu_mem_limit_bytes:
                     opts["gpu_mem_limit"] = str(self.gpu_mem_limit_bytes)
+                if self.cuda_graph:
+                    opts["enable_cuda_graph"] = "1"
                 out.append((PROVIDER_NAMES[p], opts))
             else:
                 out.append(PROVIDER_NAMES[p])

@@ -1,4 +1,5 @@
-"""One ONNX Runtime session per model version: providers, the CUDA→CPU fallback check, warm-up.
+"""One ONNX Runtime session per model version: providers (TensorRT, CUDA, CPU), the fallback check, IO
+binding and CUDA graphs (:mod:`.binding`), warm-up.
 
 The session is built by the artifact contract (:func:`deepvit.artifact.session.open_session`); ONNX Runtime
 falls back from CUDA to CPU silently, so ``provider`` reports ``session.get_providers()`` after creation.
@@ -15,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from deepvit.artifact import ATTENTION_NAME, ArtifactError, ArtifactMetadata
-from deepvit.artifact.session import metadata_of, open_session
+from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, ArtifactError, ArtifactMetadata
+from deepvit.artifact.session import metadata_of, open_session, read_metadata
 
+from .binding import BoundSession
 from .config import Settings
 from .errors import InferenceError
 
@@ -86,38 +88,90 @@ def _preload_cuda_libraries(ort: Any) -> None:
         log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
+GPU_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
 class ModelRuntime:
     def __init__(self, path: str | Path, settings: Settings) -> None:
         import onnxruntime as ort
 
-        if "cuda" in settings.providers:
+        if settings.gpu_providers:
             _preload_cuda_libraries(ort)
         self.path = Path(path)
-        self.session = open_session(
-            self.path,
-            settings.ort_providers(),
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-        )
+        self.buckets = warmup_batch_sizes(settings.max_batch_size) if settings.pads_to_buckets else None
+        shapes = None
+        if "tensorrt" in settings.providers:  # its optimisation profile needs the input's shape
+            crop = read_metadata(self.path).preprocess.crop_size
+            sizes = self.buckets or [1, settings.max_batch_size]
+            shapes = {n: f"{INPUT_NAME}:{n}x{crop}x{crop}x3" for n in sizes}
+        self.cuda_graph = settings.cuda_graph
+        self.session = self._open(settings, shapes)
         self.meta: ArtifactMetadata = metadata_of(self.session, str(self.path))
         self.provider = str(self.session.get_providers()[0])
-        self.wanted_cuda = "cuda" in settings.providers
-        if self.wanted_cuda and self.provider != "CUDAExecutionProvider":
+        self.wanted = GPU_PROVIDERS[settings.gpu_providers[0]] if settings.gpu_providers else None
+        if self.wanted is not None and self.provider != self.wanted:
             msg = (
-                f"{self.path}: CUDA was requested but ONNX Runtime runs this model on {self.provider} "
+                f"{self.path}: {self.wanted} was requested but ONNX Runtime runs this model on {self.provider} "
                 f"(available providers: {sorted(ort.get_available_providers())}); check the GPU, the driver and "
-                "the CUDA/cuDNN libraries onnxruntime-gpu needs"
+                "the CUDA/cuDNN (and TensorRT) libraries onnxruntime-gpu needs"
             )
-            if settings.require_gpu:
+            if settings.require_gpu and self.provider == "CPUExecutionProvider":
                 raise GpuRequiredError(msg + "; DEEPVIT_REQUIRE_GPU=true makes this fatal")
-            log.warning(msg + "; serving on the CPU", extra={"event": "provider_fallback"})
+            log.warning(msg + f"; serving on {self.provider}", extra={"event": "provider_fallback"})
         self._check_io()
         self.input_name = self.session.get_inputs()[0].name
         self.has_attention = self.meta.attention is not None
+        on_gpu = self.provider in GPU_PROVIDERS.values()
+        self.cuda_graph = self.cuda_graph and self.provider == "CUDAExecutionProvider"
+        self.bound: BoundSession | None = None
+        if settings.binds_io and self.has_attention:
+            # The bound session holds one output, the logits; the attention output is fetched by session.run.
+            log.info(
+                f"{self.path}: IO binding is not used for an artifact with the attention output",
+                extra={"event": "io_binding_off"},
+            )
+        elif settings.binds_io:
+            self.bound = BoundSession(
+                self.session,
+                self.meta.preprocess.crop_size,
+                self.meta.num_classes,
+                "cuda" if on_gpu else "cpu",
+                settings.gpu_device_id,
+                self.buckets,
+                self.cuda_graph,
+            )
+
+    def _open(self, settings: Settings, shapes: dict[int, str] | None) -> Any:
+        def session(s: Settings) -> Any:
+            return open_session(
+                self.path,
+                s.ort_providers(shapes),
+                intra_op_threads=s.intra_op_threads,
+                inter_op_threads=s.inter_op_threads,
+            )
+
+        if not settings.cuda_graph:
+            return session(settings)
+        try:
+            return session(settings)
+        except ArtifactError as exc:
+            # ONNX Runtime refuses CUDA graphs when any node is placed off CUDA (shape arithmetic on the CPU,
+            # say): serve without them, and say so.
+            log.warning(
+                f"{self.path}: CUDA graphs are not possible for this model ({exc.message}); serving without them",
+                extra={"event": "cuda_graph_unavailable"},
+            )
+            self.cuda_graph = False
+            return session(settings.model_copy(update={"cuda_graph": False}))
 
     @property
     def provider_label(self) -> str:
-        return {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}.get(self.provider, self.provider)
+        labels = {
+            "TensorrtExecutionProvider": "tensorrt",
+            "CUDAExecutionProvider": "cuda",
+            "CPUExecutionProvider": "cpu",
+        }
+        return labels.get(self.provider, self.provider)
 
     def _check_io(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -151,6 +205,8 @@ class ModelRuntime:
         where the artifact has it. ONNX Runtime computes every node of the graph whichever outputs are asked
         for (measured: asking for the logits alone is not faster), so the attention is always fetched."""
         try:
+            if self.bound is not None:
+                return [self.bound.run(batch)]
             outs = self.session.run(None, {self.input_name: batch})
         except Exception as exc:
             raise InferenceError(f"inference failed in ONNX Runtime on a batch of {len(batch)}: {exc}") from exc
@@ -175,7 +231,10 @@ class ModelRuntime:
         crop = self.meta.preprocess.crop_size
         started = time.perf_counter()
         timings: dict[int, float] = {}
-        for n in warmup_batch_sizes(max_batch_size, every_size=self.provider == "CUDAExecutionProvider"):
+        on_gpu = self.provider in GPU_PROVIDERS.values()
+        # Padded batches only ever run at the buckets' shapes (and capture one CUDA graph each).
+        sizes = [b for b in self.buckets if b <= max_batch_size] if self.buckets else None
+        for n in sizes or warmup_batch_sizes(max_batch_size, every_size=on_gpu):
             if cancelled():
                 raise LoadCancelledError(f"warm-up of {self.path} stopped: the server is shutting down")
             batch = np.random.default_rng(n).integers(0, 256, (n, crop, crop, 3), dtype=np.uint8)

@@ -11,8 +11,12 @@ Schema 2 keys (all strings; JSON where the value is structured):
     deepvit.preprocessing     the pixel path's parameters (JSON, :class:`PreprocessSpec`)
     deepvit.weights           state_dict | ema | random_init
     deepvit.checkpoint_sha256 the source checkpoint's digest ("" for random weights)
-    deepvit.precision         fp32 | fp16
-    deepvit.parity            the export's parity figures (JSON)
+    deepvit.precision         fp32 | fp16 | int8
+    deepvit.parity            the export's parity figures (JSON; for int8, of the float32 graph it quantized)
+    deepvit.accuracy          a reduced precision's gate on natural images (JSON; absent for fp32 and in
+                              artifacts exported before the gate, which still load)
+    deepvit.quantization      how an int8 graph was quantized and calibrated, and its measured speed beside
+                              float32 (JSON; absent unless int8)
     deepvit.versions          the tools that made it (JSON)
     deepvit.exported_at       ISO 8601, UTC
     deepvit.outputs           the graph's outputs (JSON): ``logits`` always; ``attention`` when exported with
@@ -124,10 +128,12 @@ class ArtifactMetadata:
     labels: tuple[str, ...]
     preprocess: PreprocessSpec
     weights: str  # state_dict | ema | random_init
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | int8
     checkpoint_sha256: str
     config: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     exported_at: str = ""
     attention: AttentionSpec | None = None  # the graph has the attention output
@@ -148,6 +154,8 @@ class ArtifactMetadata:
             "checkpoint_sha256": self.checkpoint_sha256 or None,
             "preprocessing": self.preprocess.to_dict(),
             "parity": self.parity,
+            "accuracy": self.accuracy or None,
+            "quantization": self.quantization or None,
             "versions": self.versions,
             "exported_at": self.exported_at,
             "config": self.config,
@@ -166,7 +174,7 @@ class ArtifactMetadata:
         pre = self.preprocess.to_dict()
         pre["crop_pct"] = self.preprocess.effective_crop_pct
         pre.update({"input_layout": "NHWC", "input_dtype": "uint8", "color": "RGB"})
-        return {
+        props = {
             "deepvit.schema": self.schema,
             "deepvit.name": self.name,
             "deepvit.arch": self.arch,
@@ -182,6 +190,11 @@ class ArtifactMetadata:
             "deepvit.exported_at": self.exported_at,
             "deepvit.outputs": json.dumps(self.outputs()),
         }
+        if self.accuracy:
+            props["deepvit.accuracy"] = json.dumps(self.accuracy)
+        if self.quantization:
+            props["deepvit.quantization"] = json.dumps(self.quantization)
+        return props
 
     @classmethod
     def from_props(cls, meta: dict[str, str], source: str = "artifact") -> ArtifactMetadata:
@@ -220,6 +233,8 @@ class ArtifactMetadata:
             checkpoint_sha256=meta.get("deepvit.checkpoint_sha256", ""),
             config=_json(meta, "deepvit.config", source) if "deepvit.config" in meta else {},
             parity=_json(meta, "deepvit.parity", source) if "deepvit.parity" in meta else {},
+            accuracy=_json(meta, "deepvit.accuracy", source) if "deepvit.accuracy" in meta else {},
+            quantization=_json(meta, "deepvit.quantization", source) if "deepvit.quantization" in meta else {},
             versions=_json(meta, "deepvit.versions", source) if "deepvit.versions" in meta else {},
             exported_at=meta.get("deepvit.exported_at", ""),
             attention=_attention(meta, source) if schema != "1" else None,

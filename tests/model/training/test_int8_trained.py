@@ -1,0 +1,43 @@
+"""int8 of a trained model keeps what it learned: the `make demo` model (trained once per session by the
+``trained_shapes_artifact`` fixture) exported int8, dynamic and static, evaluated on the validation images
+through the service's pixel path, within one point of the float32 artifact's top-1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepvit.artifact.session import read_metadata
+
+MAX_TOP1_LOSS = 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_int8_keeps_validation_accuracy_within_one_point(
+    trained_shapes_artifact: Any, run_deepvit: Callable[..., Any], tmp_path: Path, method: str
+) -> None:
+    t = trained_shapes_artifact  # conftest.TrainedShapes
+    out = tmp_path / "shapes_int8" / "1" / "model.onnx"
+    args = ["export", "--model-config", t.run_dir / "model_config.json", "--checkpoint", t.checkpoint]
+    args += ["--labels", t.run_dir / "labels.txt", "--name", "shapes_int8", "--precision", "int8", "--output", out]
+    if method == "static":
+        args += ["--calibration", t.train_dir]  # calibrated on training images, judged on validation ones
+    res = run_deepvit(*args)
+    assert res.code == 0, res.stderr
+    meta = read_metadata(out)
+    assert meta.quantization["method"] == method
+    assert meta.accuracy["passed"] is True
+
+    top1 = {}
+    for artifact in (t.artifact, out):
+        res = run_deepvit("evaluate", "--artifact", artifact, "--data", t.val_dir, "--workers", 0)
+        assert res.code == 0, res.stderr
+        top1[artifact] = json.loads(res.stdout)["top1"]
+    fp32, int8 = top1[t.artifact], top1[out]
+    print(f"validation top-1: float32 {fp32:.2%}, int8 ({method}) {int8:.2%}")
+    assert int8 >= fp32 - MAX_TOP1_LOSS
