@@ -47,6 +47,7 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    p.add_argument("--name", help="what the report and plot call the model (default: the arch or file name)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     p.set_defaults(handler=_analyze, model_side=True)
 
@@ -97,6 +98,17 @@ def _model(args: argparse.Namespace) -> tuple[DeepViT, dict[str, Any]]:
     return model, about | {"arch": arch}
 
 
+def _label(args: argparse.Namespace, arch: str) -> str:
+    """What the plot calls the model: --name, else its architecture, config file or checkpoint file."""
+    if args.name:
+        return str(args.name)
+    if arch != "custom":
+        return arch
+    if args.model_config is not None:
+        return str(args.model_config.stem)
+    return str(args.checkpoint.name if args.checkpoint is not None else arch)
+
+
 def _device(name: str) -> torch.device:
     import torch
 
@@ -141,12 +153,13 @@ def _analyze(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     report = result.to_dict() | {
+        "name": _label(args, about["arch"]),
         "model": about | {"config": cfg.to_dict()},
         "data": str(args.data),
     }
     out: Path = args.output
     write_report(report, out / REPORT)
-    png = plot_reports([(about["arch"], report)], out / PLOT)
+    png = plot_reports([(report["name"], report)], out / PLOT)
     print(table(report))
     _log(f"wrote {out / REPORT}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
     return 0

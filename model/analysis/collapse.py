@@ -130,7 +130,10 @@ def measure_collapse(
     try:
         with premixing_maps(model) as softmax:
             for images in batches:
+                softmax.clear()  # a map left from the previous batch must not stand in for this one's
                 _, applied = model.forward_with_attention(images.to(device))
+                if missing := [i for i in reattention if i not in softmax]:
+                    raise RuntimeError(f"Re-attention blocks {missing} did not run their head mixing Θ")
                 acc.add([*applied, *(softmax[i] for i in reattention)])
                 if on_batch is not None:
                     on_batch(int(images.shape[0]))

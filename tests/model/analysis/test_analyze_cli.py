@@ -68,6 +68,7 @@ def test_analyze_a_checkpoint_on_a_folder(
     assert report["similar_blocks"] == sum(s > 0.9 for s in report["similarity_next"])
     assert set(report["premixing"]) == {"similarity_next", "matrix", "similar_blocks", "applied_vs_premixing"}
     assert report["model"]["weights"] == "state_dict"
+    assert report["name"] == "best.pth.tar"  # no --name, no arch, no config file: the checkpoint's file name
     assert report["model"]["config"] == cfg.to_dict()
     assert (out / "attention_similarity.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -91,13 +92,14 @@ def test_ema_weights_images_and_threshold(
     out = tmp_path / "ema"
     res = analyze(
         run_deepvit, "--checkpoint", trained_style_checkpoint, "--ema", "--data", small_shapes / "val",
-        "--images", 4, "--threshold", 0.5, "--output", out,
+        "--images", 4, "--threshold", 0.5, "--name", "averaged", "--output", out,
     )  # fmt: skip
     assert res.code == 0, res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["images"] == 4
     assert report["threshold"] == 0.5
     assert report["model"]["weights"] == "ema"
+    assert report["name"] == "averaged"
     assert report["similar_blocks"] == sum(s > 0.5 for s in report["similarity_next"])
 
 
