@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_SLICE = 1 << 18  # columns' entries per float64 product: K × 2 MB at a time
+
 
 def unit_columns(maps: Tensor) -> Tensor:
     """``maps`` (..., T, T) with every column (the axis -2) scaled to unit length.
@@ -42,7 +44,12 @@ def cosine_sums(maps: Sequence[Tensor]) -> Tensor:
         raise ValueError(f"maps must all be (B, H, T, T) of one shape, got {[tuple(m.shape) for m in maps]}")
     # With unit columns, the dot product of two whole flattened maps is the sum of their columns' cosines.
     flat = torch.stack([unit_columns(m).reshape(-1) for m in maps])  # (K, B·H·T·T)
-    return (flat @ flat.T).double()  # (K, K)
+    # Summed in float64, a slice at a time: a float32 sum over millions of products drifts by ~1e-5.
+    sums = torch.zeros(len(maps), len(maps), dtype=torch.float64, device=flat.device)
+    for part in flat.split(_SLICE, dim=1):
+        part64 = part.double()
+        sums += part64 @ part64.T
+    return sums  # (K, K)
 
 
 class SimilarityAccumulator:

@@ -134,3 +134,16 @@ def test_a_model_without_reattention_has_one_set_of_figures(data_dir: Path) -> N
     assert report.applied_vs_premixing == ()
     assert report.to_dict()["premixing"] is None
     np.testing.assert_allclose(np.diag(report.applied.matrix), 1.0, atol=1e-5)
+
+
+def test_a_model_whose_blocks_all_attend_alike_is_fully_collapsed(data_dir: Path) -> None:
+    # With q = k = 0 every softmax map is uniform (1/T everywhere) in every block: identical maps, M = 1.
+    cfg = DeepViTConfig.from_json(data_dir / "tiny_shapes_plain.json")
+    model = DeepViT(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.zero_()
+            blk.attn.qkv.bias.zero_()
+    report = measure_collapse(model, [torch.randn(3, 3, cfg.img_size, cfg.img_size)], threshold=0.9)
+    np.testing.assert_allclose(report.applied.matrix, np.ones((cfg.depth, cfg.depth)), atol=1e-6)
+    assert report.to_dict()["similar_blocks"] == cfg.depth - 1
