@@ -46,7 +46,7 @@ def cosine_sums(maps: Sequence[Tensor]) -> Tensor:
     flat = torch.stack([unit_columns(m).reshape(-1) for m in maps])  # (K, B·H·T·T)
     # Summed in float64, a slice at a time: a float32 sum over millions of products drifts by ~1e-5.
     sums = torch.zeros(len(maps), len(maps), dtype=torch.float64, device=flat.device)
-    for part in flat.split(_SLICE, dim=1):
+    for part in torch.split(flat, _SLICE, dim=1):
         part64 = part.double()
         sums += part64 @ part64.T
     return sums  # (K, K)
