@@ -94,7 +94,13 @@ def _model(args: argparse.Namespace) -> tuple[DeepViT, dict[str, Any]]:
     model = model_from_checkpoint(obj, args.checkpoint, cfg, arch, weights)
     if cfg is None and isinstance(obj, dict):
         arch = str(obj.get("arch", arch))
-    about = {"weights": weights, "checkpoint": str(args.checkpoint), "sha256": sha256_of(args.checkpoint)}
+    about: dict[str, Any] = {
+        "weights": weights,
+        "checkpoint": str(args.checkpoint),
+        "sha256": sha256_of(args.checkpoint),
+    }
+    if isinstance(obj, dict) and isinstance(obj.get("epoch"), int):
+        about["epoch"] = obj["epoch"]  # the training epoch the weights are from (0-based), when recorded
     return model, about | {"arch": arch}
 
 

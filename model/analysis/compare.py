@@ -46,6 +46,9 @@ def markdown(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
     images = ", ".join(f"{name}: {r.get('images', '?')}" for name, r in reports)
     lines.append("")
     lines.append(f"M/R: multi-head self-attention or Re-attention in that block of each model; images: {images}.")
+    epochs = [(name, r.get("model", {}).get("epoch")) for name, r in reports]
+    if all(e is not None for _, e in epochs):
+        lines.append("Weights after training epoch " + ", ".join(f"{name}: {e}" for name, e in epochs) + " (0-based).")
     return "\n".join(lines) + "\n"
 
 

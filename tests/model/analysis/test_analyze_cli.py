@@ -37,6 +37,7 @@ def trained_style_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_shap
             "config": cfg.to_dict(),
             "arch": "custom",
             "class_names": list(CLASSES),
+            "epoch": 7,
         },
     )
     return path
@@ -69,6 +70,7 @@ def test_analyze_a_checkpoint_on_a_folder(
     assert set(report["premixing"]) == {"similarity_next", "matrix", "similar_blocks", "applied_vs_premixing"}
     assert report["model"]["weights"] == "state_dict"
     assert report["name"] == "best.pth.tar"  # no --name, no arch, no config file: the checkpoint's file name
+    assert report["model"]["epoch"] == 7
     assert report["model"]["config"] == cfg.to_dict()
     assert (out / "attention_similarity.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -191,6 +193,7 @@ def test_compare_writes_a_table_and_a_plot(
     assert "re (softmax, before mixing)" in head
     assert "| 1 → 2 (M/M → M/R) |" in text
     assert "similar blocks (M > 0.9)" in text
+    assert "Weights after training epoch" not in text  # the random-init model has no epoch
     assert (results / "pair.png").read_bytes()[:8] == PNG_MAGIC
     (tmp_path / "bad.json").write_text("{}")
     assert compare.main(["--output", str(results), f"x={tmp_path / 'bad.json'}"]) == 2
