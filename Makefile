@@ -15,6 +15,7 @@ help:
 	@echo "make serve   set up .venv, export the embedded default model if $(MODEL_REPOSITORY)/ is empty, serve on $(HOST):$(PORT)"
 	@echo "make test    set up .venv with every extra, lint, type-check and run the whole test suite"
 	@echo "make bench   benchmark table (ONNX Runtime, in-process pipeline, HTTP under load)"
+	@echo "make analyze-demo  attention collapse of plain attention vs Re-attention on the shapes set (docs/analysis/)"
 
 # Re-install whenever pyproject.toml changes.
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
@@ -93,3 +94,40 @@ demo: dev
 	$(BIN)/deepvit evaluate --artifact $(DEMO_DIR)/models/shapes/1/model.onnx --data $(DEMO_DIR)/data/val
 	@echo "demo: curves in $(DEMO_DIR)/run/curves.png, per-epoch log in $(DEMO_DIR)/run/log.jsonl,"
 	@echo "      model repository $(DEMO_DIR)/models (the served model's name is 'shapes')"
+
+# `make analyze-demo`: the paper's attention-collapse measurement (Zhou et al. 2021, Fig. 2-3) on the demo's
+# shapes set. Two models of the same depth trained with the demo's recipe and budget: the demo's config
+# (Re-attention in its last two blocks) and the same config with plain attention everywhere; `deepvit
+# analyze` on both, then one table and one plot side by side in $(ANALYZE_RESULTS) (the README shows them).
+# A training is done once it has finished (run/.complete): a second `make analyze-demo` re-analyses without
+# retraining, an interrupted one starts again (rm -rf $(ANALYZE_DIR) redoes everything). They run at nice 10.
+ANALYZE_DIR ?= build/analyze-demo
+ANALYZE_RESULTS ?= docs/analysis
+ANALYZE_MODELS := plain reattention
+ANALYZE_CONFIG_plain := tests/data/tiny_shapes_plain.json
+ANALYZE_CONFIG_reattention := tests/data/tiny_shapes.json
+ANALYZE_LABEL_plain := plain
+ANALYZE_LABEL_reattention := Re-attention
+
+.PHONY: analyze-demo
+analyze-demo: $(foreach m,$(ANALYZE_MODELS),$(ANALYZE_DIR)/$(m)/analysis/report.json)
+	$(BIN)/python -m deepvit.model.analysis.compare --output $(ANALYZE_RESULTS) --name shapes \
+	  $(foreach m,$(ANALYZE_MODELS),$(ANALYZE_LABEL_$(m))=$(ANALYZE_DIR)/$(m)/analysis/report.json)
+
+$(ANALYZE_DIR)/data/.complete: | dev
+	rm -rf $(ANALYZE_DIR)/data
+	$(BIN)/python -m deepvit.model.training.synthetic --output $(ANALYZE_DIR)/data
+	touch $@
+
+# Kept (not intermediate files) so that finished trainings stay finished; the config named per model.
+.PRECIOUS: $(ANALYZE_DIR)/%/run/.complete $(ANALYZE_DIR)/%/analysis/report.json
+.SECONDEXPANSION:
+$(ANALYZE_DIR)/%/run/.complete: $(ANALYZE_DIR)/data/.complete $$(ANALYZE_CONFIG_$$*) | dev
+	rm -rf $(ANALYZE_DIR)/$*/run
+	nice -n 10 $(BIN)/deepvit train --data $(ANALYZE_DIR)/data --model-config $(ANALYZE_CONFIG_$*) \
+	  --output $(ANALYZE_DIR)/$*/run $(DEMO_TRAIN_ARGS) --no-progress
+	touch $@
+
+$(ANALYZE_DIR)/%/analysis/report.json: $(ANALYZE_DIR)/%/run/.complete
+	$(BIN)/deepvit analyze --checkpoint $(ANALYZE_DIR)/$*/run/best.pth.tar --data $(ANALYZE_DIR)/data/val \
+	  --name $(ANALYZE_LABEL_$*) --output $(ANALYZE_DIR)/$*/analysis

@@ -86,6 +86,10 @@ def register(sub: Any) -> None:
 
     training_cli.register(sub)
 
+    from .analysis import cli as analysis_cli  # analyze
+
+    analysis_cli.register(sub)
+
 
 def run_handler(handler: Any, args: argparse.Namespace) -> int:
     """Turn the model side's domain errors into one clear line and a non-zero exit."""
