@@ -9,13 +9,14 @@ DEFAULT_MODEL ?= deepvit_S
 EXTRAS ?= train,dev
 TOOLS_VENV ?= .venv-tools
 
-.PHONY: help serve test lint pytest dev tools default-model bench bench-gpu clean
+.PHONY: help serve test lint pytest dev tools default-model bench bench-gpu clean proto
 
 help:
 	@echo "make serve   set up .venv, export the embedded default model if $(MODEL_REPOSITORY)/ is empty, serve on $(HOST):$(PORT)"
 	@echo "make test    set up .venv with every extra, lint, type-check and run the whole test suite"
 	@echo "make bench   benchmark table (ONNX Runtime, in-process pipeline, HTTP under load)"
 	@echo "make bench-gpu [WHEELS=DIR]   the GPU check: raw ORT CUDA, IO binding, CUDA graphs, PyTorch, HTTP, fp16 parity"
+	@echo "make analyze-demo  attention collapse of plain attention vs Re-attention on the shapes set (docs/analysis/)"
 
 # Re-install whenever pyproject.toml changes.
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
@@ -41,6 +42,10 @@ $(TOOLS_VENV)/.installed: tests/deploy/requirements-tools.txt tests/deploy/crd/p
 	touch $@
 
 tools: $(TOOLS_VENV)/.installed
+
+# The gRPC message classes, committed: regenerated from the vendored protos with the pinned grpcio-tools.
+proto: dev
+	sh service/grpc/proto/generate.sh $(BIN)/python
 
 # The embedded default: deepvit_S with random weights, exported only when the repository holds no model.
 default-model: dev
@@ -77,7 +82,8 @@ clean:
 # `make demo`: the training side end to end on the CPU in a few minutes, nothing downloaded. It draws a
 # labelled set of coloured shapes (8 classes, 150 train + 25 val images each), trains the tiny DeepViT of
 # tests/data/tiny_shapes.json, exports the best checkpoint (gated on parity) into a model repository, and
-# evaluates checkpoint and artifact on the validation images: the two top-1 figures must be equal.
+# evaluates checkpoint and artifact on the validation images: the two top-1 figures must be equal. The
+# export has the attention output, so the served demo model answers POST /explain and shows its heat map on /.
 # The recipe departs from the official ImageNet defaults (RandAugment, mixup/cutmix, random erasing, drop
 # path 0.2, aspect-ratio jitter, 300 epochs) where they are made for a million images and a GPU budget; on
 # 1200 images of 32 px they only slow a two-minute run down. tests/model/test_train_e2e.py runs this recipe.
@@ -90,8 +96,45 @@ demo: dev
 	$(BIN)/python -m deepvit.model.training.synthetic --output $(DEMO_DIR)/data
 	$(BIN)/deepvit train --data $(DEMO_DIR)/data --model-config tests/data/tiny_shapes.json --output $(DEMO_DIR)/run $(DEMO_TRAIN_ARGS)
 	$(BIN)/deepvit export --model-config $(DEMO_DIR)/run/model_config.json --checkpoint $(DEMO_DIR)/run/best.pth.tar \
-	  --labels $(DEMO_DIR)/run/labels.txt --name shapes --output $(DEMO_DIR)/models/shapes/1/model.onnx
+	  --labels $(DEMO_DIR)/run/labels.txt --name shapes --explain --output $(DEMO_DIR)/models/shapes/1/model.onnx
 	$(BIN)/deepvit evaluate --checkpoint $(DEMO_DIR)/run/best.pth.tar --data $(DEMO_DIR)/data/val
 	$(BIN)/deepvit evaluate --artifact $(DEMO_DIR)/models/shapes/1/model.onnx --data $(DEMO_DIR)/data/val
 	@echo "demo: curves in $(DEMO_DIR)/run/curves.png, per-epoch log in $(DEMO_DIR)/run/log.jsonl,"
 	@echo "      model repository $(DEMO_DIR)/models (the served model's name is 'shapes')"
+
+# `make analyze-demo`: the paper's attention-collapse measurement (Zhou et al. 2021, Fig. 2-3) on the demo's
+# shapes set. Two models of the same depth trained with the demo's recipe and budget: the demo's config
+# (Re-attention in its last two blocks) and the same config with plain attention everywhere; `deepvit
+# analyze` on both, then one table and one plot side by side in $(ANALYZE_RESULTS) (the README shows them).
+# A training is done once it has finished (run/.complete): a second `make analyze-demo` re-analyses without
+# retraining, an interrupted one starts again (rm -rf $(ANALYZE_DIR) redoes everything). They run at nice 10.
+ANALYZE_DIR ?= build/analyze-demo
+ANALYZE_RESULTS ?= docs/analysis
+ANALYZE_MODELS := plain reattention
+ANALYZE_CONFIG_plain := tests/data/tiny_shapes_plain.json
+ANALYZE_CONFIG_reattention := tests/data/tiny_shapes.json
+ANALYZE_LABEL_plain := plain
+ANALYZE_LABEL_reattention := Re-attention
+
+.PHONY: analyze-demo
+analyze-demo: $(foreach m,$(ANALYZE_MODELS),$(ANALYZE_DIR)/$(m)/analysis/report.json)
+	$(BIN)/python -m deepvit.model.analysis.compare --output $(ANALYZE_RESULTS) --name shapes \
+	  $(foreach m,$(ANALYZE_MODELS),$(ANALYZE_LABEL_$(m))=$(ANALYZE_DIR)/$(m)/analysis/report.json)
+
+$(ANALYZE_DIR)/data/.complete: | dev
+	rm -rf $(ANALYZE_DIR)/data
+	$(BIN)/python -m deepvit.model.training.synthetic --output $(ANALYZE_DIR)/data
+	touch $@
+
+# Kept (not intermediate files) so that finished trainings stay finished; the config named per model.
+.PRECIOUS: $(ANALYZE_DIR)/%/run/.complete $(ANALYZE_DIR)/%/analysis/report.json
+.SECONDEXPANSION:
+$(ANALYZE_DIR)/%/run/.complete: $(ANALYZE_DIR)/data/.complete $$(ANALYZE_CONFIG_$$*) | dev
+	rm -rf $(ANALYZE_DIR)/$*/run
+	nice -n 10 $(BIN)/deepvit train --data $(ANALYZE_DIR)/data --model-config $(ANALYZE_CONFIG_$*) \
+	  --output $(ANALYZE_DIR)/$*/run $(DEMO_TRAIN_ARGS) --no-progress
+	touch $@
+
+$(ANALYZE_DIR)/%/analysis/report.json: $(ANALYZE_DIR)/%/run/.complete
+	$(BIN)/deepvit analyze --checkpoint $(ANALYZE_DIR)/$*/run/best.pth.tar --data $(ANALYZE_DIR)/data/val \
+	  --name $(ANALYZE_LABEL_$*) --output $(ANALYZE_DIR)/$*/analysis

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmark table: ONNX Runtime, in-process pipeline, HTTP under hey")
+    p = sub.add_parser("bench", help="benchmark table: ONNX Runtime, in-process pipeline, HTTP under hey, gRPC")
     p.add_argument("--model-repository", type=Path, default=Path("models"))
     p.add_argument("--model", help="model name (default: the first in the repository)")
     p.add_argument("--photos", type=Path, default=Path("tests/data/photos"), help="folder of *.jpg photographs")
@@ -31,12 +31,22 @@ def register(sub: Any) -> None:
     p.add_argument("--factor", type=float, default=3.0, help="offered load / capacity (--overload)")
     p.add_argument("--overload-seconds", type=float, default=60.0, help="length of the overload (--overload)")
     p.add_argument("--deadline", type=float, default=2.0, help="DEEPVIT_REQUEST_TIMEOUT_S of the server (--overload)")
+    p.add_argument(
+        "--attention-cost",
+        nargs=2,
+        type=Path,
+        metavar=("PLAIN.onnx", "EXPLAIN.onnx"),
+        help="instead: time one model exported without and with --explain (see bench/attention_cost.py)",
+    )
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (--attention-cost)")
     p.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.overload:
         return _overload(args)
+    if args.attention_cost:
+        return _attention_cost(args)
     if args.compare:
         from .compare import run_compare
 
@@ -96,5 +106,32 @@ def _overload(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / f"{name}-overload.md").write_text(f"<!-- written by deepvit bench --overload -->\n{table}\n")
+    print(table)
+    return 0
+
+
+def _attention_cost(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import os
+    import platform
+
+    from deepvit.artifact.session import read_metadata
+
+    from .attention_cost import measure, render
+
+    plain, explain = args.attention_cost
+    meta = read_metadata(plain)
+    rows = measure(plain, explain, [b for b in args.batch_sizes if b <= 8] or [1], args.rounds)
+    title = (
+        f"### {meta.name}: the cost of the attention output\n\n"
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs · ONNX Runtime "
+        f"on the CPU, one intra-op thread · median of {args.rounds} interleaved rounds"
+    )
+    table = render(rows, title)
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / f"{meta.name}-attention-cost.md").write_text(
+            f"<!-- written by deepvit bench --attention-cost -->\n{table}\n"
+        )
     print(table)
     return 0

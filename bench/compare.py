@@ -97,7 +97,8 @@ def run_compare(
     for m in models:
         log = (output or Path(".")) / f".bench-{m}-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        for row in bench_http(repository, m, photos[0], concurrencies, duration_s, log):
+        artifact = found[m][max(found[m])]
+        for row in bench_http(repository, m, artifact, photos[0], concurrencies, duration_s, log, baseline=False):
             figures.append(
                 Figure(
                     m, precision[m], "HTTP service", row.setting, row.images_per_s, row.p50_ms, row.p99_ms, row.errors

@@ -3,8 +3,13 @@
 1. raw ONNX Runtime: uint8 batches of 1..64, images/s;
 2. the in-process pipeline: decode + preprocess (thread pool, as the service) + batched inference;
 3. the service over HTTP: a real ``deepvit serve`` process driven by ``hey`` (an established load generator)
-   at several concurrencies with real JPEG photographs: images/s and p50/p95/p99 latency.
+   at several concurrencies with real JPEG photographs: images/s and p50/p95/p99 latency;
+4. the same process over gRPC, the same photograph as an encoded ``BYTES`` input with the top 5 asked for,
+   at the same concurrencies (``bench/grpc_load.py``: Triton's own client);
+5. the baseline a user would otherwise pick (``bench/baseline.py``: plain FastAPI, one ONNX Runtime call per
+   request), driven by ``hey`` like ours, interleaved with it by concurrency;
 
+beside the machine's limit (``bench/limit.py``), and a chart of throughput and p99 against concurrency.
 Ratios between the layers are the figures to quote: the machine may be shared and noisy.
 """
 
@@ -32,6 +37,10 @@ from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.service.config import Settings
 from deepvit.service.models.disk import scan_repository
 from deepvit.service.runtime import ModelRuntime
+
+from .chart import draw
+from .grpc_load import drive
+from .limit import measure_limit
 
 
 @dataclass
@@ -127,27 +136,73 @@ def run_hey(hey: str, url: str, photo: Path, concurrency: int, duration_s: float
     )
 
 
+def run_grpc(target: str, model: str, photo: Path, concurrency: int, duration_s: float) -> Row:
+    load = drive(target, model, photo.read_bytes(), concurrency, duration_s)
+    return Row(
+        "gRPC service",
+        f"tritonclient.grpc.aio, concurrency {concurrency}",
+        len(load.times) / load.wall_s if load.times else float("nan"),
+        _percentile(load.times, 50),
+        _percentile(load.times, 95),
+        _percentile(load.times, 99),
+        load.errors,
+    )
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def bench_http(
-    repository: Path, model: str, photo: Path, concurrencies: Sequence[int], duration_s: float, log: Path
+    repository: Path,
+    model: str,
+    artifact: Path,
+    photo: Path,
+    concurrencies: Sequence[int],
+    duration_s: float,
+    log: Path,
+    baseline: bool = True,
 ) -> list[Row]:
+    """The service over HTTP (hey on /classify) and the same process over gRPC, and (with ``baseline``) the
+    naive baseline server over HTTP: same model, same photo, interleaved by concurrency so that a shared
+    machine's drift favours none of them."""
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
-    port = _free_port()
-    env = {**os.environ, "DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model}
+    port, grpc_port, baseline_port = _free_port(), _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "DEEPVIT_LOG_LEVEL": "warning",
+        "DEEPVIT_DEFAULT_MODEL": model,
+        "DEEPVIT_GRPC_PORT": str(grpc_port),
+    }
     cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = _start(cmd, env, log)
+    baseline_cmd = [sys.executable, "-m", "deepvit.bench.baseline", str(artifact), "--port", str(baseline_port)]
+    naive_proc = _start(baseline_cmd, dict(os.environ), log.with_suffix(".baseline.log")) if baseline else None
+    url, baseline_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{baseline_port}"
     try:
         _wait_ready(url, proc)
-        rows = []
+        if naive_proc is not None:
+            _wait_ready(baseline_url, naive_proc)
+        http, grpc, naive = [], [], []
+        target = f"127.0.0.1:{grpc_port}"
         for c in concurrencies:
             run_hey(hey, url + "/classify", photo, c, 1)  # not measured: connections and queues warm up
-            rows.append(run_hey(hey, url + "/classify", photo, c, duration_s))
-        return rows
+            http.append(run_hey(hey, url + "/classify", photo, c, duration_s))
+            run_grpc(target, model, photo, c, 1)
+            grpc.append(run_grpc(target, model, photo, c, duration_s))
+            if naive_proc is not None:
+                run_hey(hey, baseline_url + "/classify", photo, c, 1)
+                r = run_hey(hey, baseline_url + "/classify", photo, c, duration_s)
+                naive.append(Row("naive baseline", r.setting, r.images_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.errors))
+        return http + grpc + naive
     finally:
         _stop(proc)
+        if naive_proc is not None:
+            _stop(naive_proc)
+        log.with_suffix(".baseline.log").unlink(missing_ok=True)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -218,28 +273,39 @@ def run_bench(
     if not photos:
         raise SystemExit(f"deepvit bench: no *.jpg photographs in {photos_dir}")
     settings = Settings(model_repository=repository, providers=["cuda", "cpu"])
-    rt = ModelRuntime(found[name][version], settings)
+    artifact = found[name][version]
+    rt = ModelRuntime(artifact, settings)
     print(f"benchmarking {name} v{version} on {rt.provider}…", file=sys.stderr, flush=True)
     rows = bench_runtime(rt, batch_sizes, min_time_s)
     rows.append(bench_pipeline(rt, photos[0].read_bytes(), settings.max_batch_size, os.cpu_count() or 2, min_time_s))
     m = rt.meta
     described = f"{m.arch}, {m.preprocess.crop_size} px, {m.precision}, {m.weights}"
-    del rt  # free the session before the server takes the cores
+    del rt  # free the session before the servers take the cores
+    limit = measure_limit(artifact, photos[0].read_bytes(), batch_sizes, min_time_s)
     log = (output or Path(".")) / f".bench-{name}-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    rows += bench_http(repository, name, photos[0], concurrencies, duration_s, log)
+    rows += bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log)
     log.unlink(missing_ok=True)
     pipeline = next(r for r in rows if r.layer == "in-process pipeline").images_per_s
     http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
     ratios = ", ".join(f"{k.split()[-1]}: {v / pipeline:.0%}" for k, v in http.items())
+    grpc = [r.images_per_s for r in rows if r.layer == "gRPC service"]
+    versus = ", ".join(f"{k.split()[-1]}: {g / v:.2f}x" for (k, v), g in zip(http.items(), grpc, strict=True))
+    naive = [r.images_per_s for r in rows if r.layer == "naive baseline"]
+    over_naive = ", ".join(f"{k.split()[-1]}: {v / b:.2f}x" for (k, v), b in zip(http.items(), naive, strict=True))
+    of_limit = ", ".join(f"{k.split()[-1]}: {v / limit.images_per_s:.2f}" for k, v in http.items())
     header = (
         f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
         f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
-        f"HTTP throughput / in-process pipeline, by concurrency: {ratios}"
+        f"HTTP throughput / in-process pipeline, by concurrency: {ratios}\n\n"
+        f"gRPC throughput / HTTP throughput, by concurrency: {versus}\n\n"
+        f"HTTP throughput / naive baseline's (one ONNX Runtime call per request), by concurrency: {over_naive}\n\n"
+        f"{limit.describe()}; HTTP throughput / machine limit, by concurrency: {of_limit}"
     )
     table = render(rows, header)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / f"{name}.md").write_text(f"<!-- written by deepvit bench -->\n{table}\n")
+        chart = draw(rows, limit.images_per_s, f"{name} v{version} ({described})", output / f"{name}.png")
+        (output / f"{name}.md").write_text(f"<!-- written by deepvit bench -->\n{table}\n\n![chart]({chart.name})\n")
     return table

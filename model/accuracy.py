@@ -183,7 +183,9 @@ def check_accuracy(
     for start in range(0, len(images), BATCH):
         batch = images.images[start : start + BATCH]
         with torch.inference_mode():
-            want = reference(torch.from_numpy(batch)).float().numpy()
+            out = reference(torch.from_numpy(batch))
+        want = (out[0] if isinstance(out, tuple) else out).float().numpy()  # the logits (an --explain reference
+        # also returns the attention, which the parity gate holds to PyTorch)
         got = np.asarray(session.run(None, {name: batch})[0], dtype=np.float32)
         top = want.argmax(1)
         agree += int((got.argmax(1) == top).sum())

@@ -20,13 +20,16 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .config import VARIANTS, DeepViTConfig
+from .config import VARIANTS, ConfigError, DeepViTConfig
+
+if TYPE_CHECKING:
+    from .net import DeepViT
 
 WeightsKind = Literal["state_dict", "ema"]
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
@@ -261,6 +264,29 @@ def head_classes(sd: Mapping[str, Tensor]) -> int | None:
     """The classifier width the weights were trained with, when they have a linear head."""
     head = sd.get("head.weight")
     return int(head.shape[0]) if head is not None and head.ndim == 2 else None
+
+
+def model_from_checkpoint(
+    obj: Any, source: str | Path, cfg: DeepViTConfig | None, arch: str, weights: WeightsKind
+) -> DeepViT:
+    """The model that ``obj``'s chosen weights (as ``read_checkpoint`` returned it) fit, loaded strictly, in
+    eval mode: built from ``cfg``, else from the config a ``deepvit train`` checkpoint carries, with the class
+    count of the weights' head."""
+    from .net import DeepViT
+
+    sd = weights_of(obj, weights)
+    if cfg is None:
+        saved = obj.get("config") if isinstance(obj, Mapping) else None
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{source} carries no model config: pass --arch or --model-config")
+        cfg = DeepViTConfig.from_dict(saved)
+        arch = str(obj.get("arch", arch))
+    classes = head_classes(sd)
+    if classes is not None:
+        cfg = cfg.replace(num_classes=classes)
+    model = DeepViT(cfg).eval()
+    load_weights(model, sd, arch)
+    return model
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, weights: WeightsKind, arch_label: str) -> str:

@@ -57,6 +57,11 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="photographs the accuracy gate of fp16 and int8 takes views of (default: the project's, in a checkout)",
     )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="add the 'attention' output (attention rollout over the patch grid) that POST /explain serves",
+    )
     p.add_argument("--name", help="model name recorded in the artifact (default: the arch or config file name)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--output", type=Path, required=True, metavar="PATH/model.onnx")
@@ -80,6 +85,10 @@ def register(sub: Any) -> None:
     from .training import cli as training_cli  # train, evaluate
 
     training_cli.register(sub)
+
+    from .analysis import cli as analysis_cli  # analyze
+
+    analysis_cli.register(sub)
 
 
 def run_handler(handler: Any, args: argparse.Namespace) -> int:
@@ -167,7 +176,7 @@ def _export(args: argparse.Namespace) -> int:
         _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
     if args.calibration is not None and args.precision == "fp32":
         _log("note: --calibration only adds to the gate of fp16 and int8; float32 is gated on parity alone")
-    info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision)
+    info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision, explain=args.explain)
     export_artifact(model, info, args.output, gate_photos=args.gate_images, calibration=args.calibration, log=_log)
     return 0
 
@@ -210,7 +219,7 @@ def _verify(args: argparse.Namespace) -> int:
         used = open_session(args.artifact, providers, optimize=False).get_providers()[0]
         if used != "CUDAExecutionProvider":
             raise ParityError(f"--provider cuda: ONNX Runtime runs {args.artifact} on {used}, not CUDA")
-    reference = ImageClassifier(model).eval()
+    reference = ImageClassifier(model, explain=meta.attention is not None).eval()
     out: dict[str, object] = {"precision": meta.precision}
     passed = True
     if meta.precision != "int8":  # an int8 graph is not the float model numerically; its gate is accuracy

@@ -1,7 +1,8 @@
 """Export a DeepViT to the one self-describing artifact the service loads (``deepvit.artifact``).
 
 The graph takes ``uint8 [N, crop, crop, 3]`` RGB and does cast, normalisation and NHWC→NCHW itself, so a
-client or the service only resizes and crops. ``metadata_props`` carry everything the service needs.
+client or the service only resizes and crops. ``metadata_props`` carry everything the service needs. With
+``explain`` the graph has a second output, ``attention``: the attention rollout of :mod:`.rollout`.
 The gates (parity with PyTorch; for fp16 and int8 also accuracy on natural images) run before anything is
 written; the file appears by an atomic rename or not at all.
 """
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from deepvit.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
+from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, AttentionSpec
 
 from .accuracy import AccuracyReport, check_accuracy, folder_images, gate_images
 from .atomic import atomic_path
@@ -29,6 +30,7 @@ from .layers import Attention
 from .net import DeepViT
 from .parity import PARITY_BATCH_SIZES, ParityError, ParityReport, check_parity
 from .quantize import Quantization, measure_speed, quantize
+from .rollout import ROLLOUT_DEFINITION, attention_rollout
 
 Precision = Literal["fp32", "fp16", "int8"]
 WeightsSource = Literal["state_dict", "ema", "random_init"]
@@ -36,24 +38,29 @@ OPSET = 18
 
 
 class ImageClassifier(nn.Module):
-    """uint8 NHWC RGB in, float32 logits out: preprocessing after the crop lives inside the graph."""
+    """uint8 NHWC RGB in, float32 logits out (and with ``explain`` the float32 attention rollout over the
+    patch grid): preprocessing after the crop lives inside the graph."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: DeepViT, dtype: torch.dtype = torch.float32, explain: bool = False) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.explain = explain
         pre = model.cfg.preprocessing
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=dtype).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std, dtype=dtype).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         x = image.permute(0, 3, 1, 2).to(self.dtype)  # (N, 3, H, W)
         x = (x / 255.0 - self.mean) / self.std  # as the reference ToTensor + Normalize
-        logits: Tensor = self.model(x)
-        return logits.float()  # (N, classes)
+        if not self.explain:
+            logits: Tensor = self.model(x)
+            return logits.float()  # (N, classes)
+        logits, maps = self.model.forward_with_attention(x)
+        return logits.float(), attention_rollout(maps)  # (N, classes), (N, G²)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class ArtifactInfo:
     weights: WeightsSource
     checkpoint_sha256: str | None
     precision: Precision
+    explain: bool = False  # the graph also outputs the attention rollout
 
     def metadata(
         self, parity: ParityReport, accuracy: AccuracyReport | None = None, quantization: Quantization | None = None
@@ -86,6 +94,9 @@ class ArtifactInfo:
             quantization=quantization.to_dict() if quantization else {},
             versions=tool_versions(),
             exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            attention=AttentionSpec(self.config.img_size // self.config.patch_size, ROLLOUT_DEFINITION)
+            if self.explain
+            else None,
         )
 
 
@@ -136,7 +147,7 @@ def to_onnx(wrapper: ImageClassifier, image_size: int) -> Any:
         wrapper.eval(),
         (example,),
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=[OUTPUT_NAME, ATTENTION_NAME] if wrapper.explain else [OUTPUT_NAME],
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1, max=4096)}},
         opset_version=OPSET,
         dynamo=True,
@@ -168,19 +179,25 @@ def export_artifact(
     output = Path(output)
     size = info.config.img_size
     model = model.eval()
-    reference = ImageClassifier(model, torch.float32).eval()
+    if info.explain and info.precision == "int8":
+        raise ParityError(
+            "--explain with --precision int8 is not offered: the quantized graph's attention output would not be "
+            "gated; export the attention output in fp32 or fp16"
+        )
+    reference = ImageClassifier(model, torch.float32, info.explain).eval()
     folded = fold_reattention_norm(model)
     graph_precision = "fp16" if info.precision == "fp16" else "fp32"  # int8 quantizes the float32 graph
     if graph_precision == "fp16":
-        wrapper = ImageClassifier(folded.half(), torch.float16).eval()
+        wrapper = ImageClassifier(folded.half(), torch.float16, info.explain).eval()
     else:
-        wrapper = ImageClassifier(folded, torch.float32).eval()
+        wrapper = ImageClassifier(folded, torch.float32, info.explain).eval()
     # Gathered before the slow steps, so that a bad folder is reported at once.
     calibration_images = folder_images(calibration, info.config.preprocessing) if calibration else None
     gate = None
     if info.precision != "fp32":
         gate = gate_images(info.config.preprocessing, gate_photos, calibration_images)
-    log(f"exporting {info.name} ({graph_precision}) to ONNX opset {OPSET}…")
+    with_attention = " with the attention output" if info.explain else ""
+    log(f"exporting {info.name} ({graph_precision}){with_attention} to ONNX opset {OPSET}…")
     proto = to_onnx(wrapper, size)
     parity_batch_sizes = parity_batch_sizes or PARITY_BATCH_SIZES[graph_precision]
     log(f"checking parity with PyTorch at batch sizes {list(parity_batch_sizes)}…")

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +25,9 @@ from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .models.manager import ModelManager
 from .models.sync import RepositorySync
-from .routes import classify, health, oip
+from .routes import classify, explain, health, oip
 from .runtime import GpuRequiredError, LoadCancelledError
+from .web import page
 
 log = logging.getLogger("deepvit.app")
 
@@ -139,6 +141,24 @@ def create_app(
     _install_error_handlers(app, ctx)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(explain.router)
     app.include_router(oip.router)
+    app.include_router(page.router)
     app.add_middleware(RequestMiddleware, ctx=ctx)
+    _document_raw_bodies(app)
     return app
+
+
+def _document_raw_bodies(app: FastAPI) -> None:
+    """Add the models of the bodies that routes read raw (the v2 inference request) to the OpenAPI
+    document's components, where those routes' schemas refer to them."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(oip.OPENAPI_SCHEMAS)
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

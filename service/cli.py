@@ -10,10 +10,11 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a model repository over HTTP (settings also from DEEPVIT_* env)")
+    p = sub.add_parser("serve", help="serve a model repository over HTTP and gRPC (settings also from DEEPVIT_* env)")
     p.add_argument("--model-repository", type=Path, help="<repository>/<name>/<version>/model.onnx")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--grpc-port", type=int, help="port of the gRPC Open Inference Protocol (default 8001; 0: off)")
     p.add_argument("--default-model", help="model that /classify uses when none is named")
     p.set_defaults(handler=_serve)
 
@@ -21,6 +22,16 @@ def register(sub: Any) -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser(
+        "explain", help="classify one image with an artifact and show where it looked (as POST /explain, no server)"
+    )
+    p.add_argument("image", type=Path)
+    p.add_argument("--artifact", type=Path, required=True, metavar="model.onnx", help="exported with --explain")
+    p.add_argument("--output", type=Path, metavar="overlay.png", help="write the heat map over the centre crop")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
+    p.add_argument("--json", action="store_true", help="print /explain's answer (without the PNG) as JSON")
+    p.set_defaults(handler=_explain)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model_repository": args.model_repository,
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
         "default_model": args.default_model,
     }
     try:
@@ -115,6 +127,13 @@ def _inspect(args: argparse.Namespace) -> int:
         f"preprocess   shorter side -> {pre['resize_shorter']} ({pre['interpolation']}), "
         f"centre crop {pre['crop_size']}, mean {pre['mean']}, std {pre['std']}",
         f"labels       {', '.join(meta.labels[:3])}, … ({len(meta.labels)})",
+        f"outputs      logits [N, {meta.num_classes}]"
+        + (
+            f"; attention [N, {meta.attention.grid**2}] (rollout over {meta.attention.grid}x{meta.attention.grid} "
+            "patches: POST /explain)"
+            if meta.attention is not None
+            else " (no attention output: export with --explain for POST /explain)"
+        ),
         "parity       "
         + (
             f"max |dlogit| {parity.get('max_abs_logit_diff', float('nan')):.3g}, top-1 agreement "
@@ -127,4 +146,64 @@ def _inspect(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())),
     ]
     print("\n".join(lines))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from deepvit.artifact import ArtifactError, ImageError
+    from deepvit.artifact.heatmap import attention_grid, overlay_png
+    from deepvit.artifact.pixels import load_file, transform
+    from deepvit.artifact.predictions import top_k
+    from deepvit.artifact.session import metadata_of, open_session
+
+    def fail(message: str) -> int:
+        print(f"deepvit explain: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        session = open_session(args.artifact)
+        meta = metadata_of(session, str(args.artifact))
+    except ArtifactError as exc:
+        return fail(exc.message)
+    if meta.attention is None:
+        return fail(
+            f"{args.artifact} was exported without the attention output; re-export it with deepvit export "
+            "--explain (the same arguments plus --explain)"
+        )
+    if not 1 <= args.top_k <= meta.num_classes:
+        return fail(f"--top-k {args.top_k} must be between 1 and the model's {meta.num_classes} classes")
+    try:
+        crop = transform(load_file(args.image), meta.preprocess)  # exactly what /explain computes for an upload
+    except (ImageError, OSError) as exc:
+        return fail(
+            f"{args.image}: {exc.message}" if isinstance(exc, ImageError) else f"cannot read {args.image}: {exc}"
+        )
+    logits, attention = session.run(None, {session.get_inputs()[0].name: crop[None]})
+    grid = meta.attention.grid
+    try:
+        cells = attention_grid(attention[0], grid)
+        png = overlay_png(crop, attention[0], grid)
+    except ArtifactError as exc:
+        return fail(f"{args.artifact}: {exc.message}")
+    predictions = top_k(logits[0], args.top_k, meta.labels)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_bytes(png)
+    if args.json:
+        answer = {
+            "model": {"name": meta.name},
+            "predictions": predictions,
+            "attention": {"grid": grid, "values": [float(v) for v in attention[0]]},
+        }
+        print(json.dumps(answer, indent=2))
+        return 0
+    if meta.untrained:
+        print("** UNTRAINED model (random initial weights): its answers and attention mean nothing **")
+    for p in predictions:
+        print(f"{p['score']:8.2%}  {p['label']} ({p['class_id']})")
+    print(f"attention over the {grid}x{grid} patches (% of the cls token's attention flow):")
+    for row in cells:
+        print("  " + " ".join(f"{100 * v:5.1f}" for v in row))
+    if args.output is not None:
+        print(f"overlay written to {args.output}")
     return 0

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="port of the Open Inference Protocol over gRPC, on the same address (0: off)"
+    )
 
     # ONNX Runtime
     # NoDecode: the environment gives "cuda,cpu", not JSON.

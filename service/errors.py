@@ -9,7 +9,9 @@ the queue in batcher); only the app's exception handlers turn them into HTTP sta
     │   ├── BadRequestError      undecodable image, bad parameter                         400
     │   ├── ForbiddenError       an operation this server's settings do not allow         403
     │   ├── NotFoundError        unknown model or version                                 404
+    │   ├── NotAcceptableError   an answer in a form the request cannot have (PNG of many)  406
     │   ├── RequestTimeoutError  the body did not arrive within DEEPVIT_BODY_TIMEOUT_S      408
+    │   ├── ConflictError        the model cannot do what was asked (no attention output)  409
     │   ├── PayloadTooLargeError body or pixel count over the limit                       413
     │   └── UnsupportedMediaTypeError                                                     415
     ├── UnavailableError         not ready, overloaded, queue full, draining (Retry-After) 503
@@ -24,9 +26,11 @@ from deepvit.artifact.errors import ArtifactError
 __all__ = [
     "ArtifactError",
     "BadRequestError",
+    "ConflictError",
     "DeadlineExceededError",
     "ForbiddenError",
     "InferenceError",
+    "NotAcceptableError",
     "NotFoundError",
     "PayloadTooLargeError",
     "RequestError",
@@ -61,8 +65,16 @@ class NotFoundError(RequestError):
     status = 404
 
 
+class NotAcceptableError(RequestError):
+    status = 406
+
+
 class RequestTimeoutError(RequestError):
     status = 408
+
+
+class ConflictError(RequestError):
+    status = 409
 
 
 class PayloadTooLargeError(RequestError):

@@ -12,7 +12,9 @@ One request's trip, as a :class:`Call`:
 4. ``decode(blobs)``: the artifact contract's pixel path, in the decode pool, skipping what is left once one
    image failed;
 5. ``infer(pixels)``: under a lease on the version (an unload waits for it), the batched call, a check that
-   the logits are finite, and the answer;
+   the logits are finite, and the answer; ``explain`` adds each image's attention map drawn over its crop
+   (in the decode pool), for artifacts with the attention output (:func:`require_attention`, a 409 before
+   the body is read, for the others);
 6. leaving the ``with`` block gives the request's images back to admission, whatever happened.
 
 Errors are translated here, once: the contract's image errors into 400/413, the batcher's queue, expiry and
@@ -33,7 +35,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from deepvit.artifact import ImageError, ImageTooLargeError
-from deepvit.artifact.errors import DecodeBusyError
+from deepvit.artifact.errors import ArtifactError, DecodeBusyError
+from deepvit.artifact.heatmap import overlay_png
 from deepvit.artifact.pixels import DecodeMemory, ImageLimits, PixelBudget, preprocess
 
 from .admission import Admission
@@ -41,6 +44,7 @@ from .batcher import BatcherClosedError, BatchFailedError, ExpiredError, QueueFu
 from .config import Settings
 from .errors import (
     BadRequestError,
+    ConflictError,
     DeadlineExceededError,
     InferenceError,
     PayloadTooLargeError,
@@ -68,6 +72,14 @@ class Answer:
     def logits(self) -> np.ndarray:
         return np.stack([p.logits for p in self.predictions])  # (N, classes)
 
+    @property
+    def attention(self) -> np.ndarray | None:
+        """(N, grid²) when the artifact has the attention output."""
+        maps = [p.attention for p in self.predictions]
+        if any(m is None for m in maps):
+            return None
+        return np.stack([m for m in maps if m is not None])
+
     def log_fields(self) -> dict[str, Any]:
         """What the access log records of the answer."""
         return {
@@ -76,6 +88,26 @@ class Answer:
             "images": len(self.predictions),
             "batch_size": max(p.batch_size for p in self.predictions),
         }
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """An answer with, per image, its attention over the patch grid and the heat map over its crop (PNG)."""
+
+    answer: Answer
+    grid: int
+    attention: list[np.ndarray]  # (grid * grid,) float32 each, summing to 1
+    overlays: list[bytes]
+
+
+def require_attention(mv: ModelVersion) -> None:
+    """A 409 for a version whose artifact has no attention output, naming the command that gives it one."""
+    if mv.runtime.meta.attention is None:
+        raise ConflictError(
+            f"model {mv.name} version {mv.version} was exported without the attention output, so it cannot "
+            "explain its answers; re-export it with: deepvit export --explain ... (the same arguments as before "
+            "plus --explain)"
+        )
 
 
 class InferencePipeline:
@@ -148,11 +180,12 @@ class Call:
         self.pipeline.admission.admit(more)
         self.reserved += more
 
-    def received(self, images: int | None = None) -> None:
+    def received(self, images: int | None = None, within_s: float | None = None) -> None:
         """The body is in: the deadline counts from now (a slow upload is the client's link, not a queue to
         report), the request counts in ``deepvit_inflight_requests``, and a request of several images is
-        admitted again with its count."""
-        self.deadline = time.monotonic() + self.pipeline.settings.request_timeout_s
+        admitted again with its count. ``within_s``: the caller's own deadline (gRPC's), when it is sooner."""
+        timeout = self.pipeline.settings.request_timeout_s
+        self.deadline = time.monotonic() + (timeout if within_s is None else min(timeout, within_s))
         if not self._in_flight:
             self._in_flight = True
             self.pipeline.metrics.inflight.inc()
@@ -242,6 +275,31 @@ class Call:
     async def classify(self, blobs: Sequence[Blob]) -> Answer:
         """Encoded images in, an answer out: decode, then infer."""
         return await self.infer(await self.decode(blobs))
+
+    async def explain(self, blobs: Sequence[Blob]) -> Explanation:
+        """Encoded images in, the answer with each image's attention map and heat map out (for a version
+        that passed :func:`require_attention`). The drawing runs in the decode pool once the answer is in;
+        the request's deadline no longer applies, since its work is done."""
+        pixels = await self.decode(blobs)
+        answer = await self.infer(pixels)
+        spec = answer.model.runtime.meta.attention
+        maps = [p.attention for p in answer.predictions]
+        if spec is None or any(m is None for m in maps):  # replaced meanwhile by a version without it
+            require_attention(answer.model)
+        assert spec is not None
+        attention = [m for m in maps if m is not None]
+
+        def draw() -> list[bytes]:
+            try:
+                return [overlay_png(crop, att, spec.grid) for crop, att in zip(pixels, attention, strict=True)]
+            except ArtifactError as exc:  # the graph gave a map that is not one: the model's fault
+                raise InferenceError(
+                    f"model {answer.model.name} version {answer.model.version}: {exc.message}"
+                ) from None
+
+        loop = asyncio.get_running_loop()
+        overlays = await loop.run_in_executor(self.pipeline.decode_pool, draw)
+        return Explanation(answer, spec.grid, attention, overlays)
 
 
 class _SkippedError(Exception):

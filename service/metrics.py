@@ -114,6 +114,18 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        # The gRPC front end's calls (service/grpc/): their own families, as HTTP's are by route and status;
+        # everything from the pipeline on (queue, batches, images, rejections) is shared by both protocols.
+        self.grpc_requests = Counter(
+            "deepvit_grpc_requests", "gRPC calls answered, by method and status code", ["method", "code"], registry=r
+        )
+        self.grpc_duration = Histogram(
+            "deepvit_grpc_request_duration_seconds",
+            "Time from a gRPC call's start to its answer, per method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Admission (service/admission.py), read at each scrape.
         self.pending_images = Gauge(
             "deepvit_pending_images", "Images admitted and not yet answered, decoding included", registry=r

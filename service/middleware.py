@@ -25,6 +25,8 @@ log = logging.getLogger("deepvit.app")
 
 # Probes and scrapes keep answering while the server drains; everything else gets 503.
 _ALWAYS_SERVED = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# The routes that run a model (and the v2 ".../infer" paths): admission refuses them before routing.
+_INFERENCE_PATHS = frozenset({"/classify", "/explain"})
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The method label is bounded: anything else is "other" (h11 accepts any token as a method).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
@@ -103,7 +105,7 @@ class RequestMiddleware:
                     503, "the server is shutting down; retry on another replica", "draining", [(b"retry-after", b"1")]
                 )
                 return
-            if scope["method"] == "POST" and (path == "/classify" or path.endswith("/infer")):
+            if scope["method"] == "POST" and (path in _INFERENCE_PATHS or path.endswith("/infer")):
                 # Overloaded: refused here, before routing and before a byte of the body is read; under three
                 # times the capacity this is most requests, so it must cost next to nothing.
                 try:

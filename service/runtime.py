@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from deepvit.artifact import INPUT_NAME, ArtifactError, ArtifactMetadata
+from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, ArtifactError, ArtifactMetadata
 from deepvit.artifact.session import metadata_of, open_session, read_metadata
 
 from .binding import BoundSession
@@ -38,6 +38,7 @@ class GpuRequiredError(Exception):
 class Prediction:
     logits: np.ndarray  # (classes,) float32
     batch_size: int  # size of the ONNX Runtime call this image was part of
+    attention: np.ndarray | None = None  # (grid * grid,) float32, when the artifact has the attention output
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,17 @@ class ModelRuntime:
             log.warning(msg + f"; serving on {self.provider}", extra={"event": "provider_fallback"})
         self._check_io()
         self.input_name = self.session.get_inputs()[0].name
+        self.has_attention = self.meta.attention is not None
         on_gpu = self.provider in GPU_PROVIDERS.values()
         self.cuda_graph = self.cuda_graph and self.provider == "CUDAExecutionProvider"
         self.bound: BoundSession | None = None
-        if settings.binds_io:
+        if settings.binds_io and self.has_attention:
+            # The bound session holds one output, the logits; the attention output is fetched by session.run.
+            log.info(
+                f"{self.path}: IO binding is not used for an artifact with the attention output",
+                extra={"event": "io_binding_off"},
+            )
+        elif settings.binds_io:
             self.bound = BoundSession(
                 self.session,
                 self.meta.preprocess.crop_size,
@@ -168,8 +176,20 @@ class ModelRuntime:
     def _check_io(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         crop = self.meta.preprocess.crop_size
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ArtifactError(f"{self.path}: expected one input and one output")
+        attention = self.meta.attention
+        expected = 1 if attention is None else 2
+        if len(inputs) != 1 or len(outputs) != expected:
+            what = "logits" if attention is None else "logits and attention, as its metadata says"
+            raise ArtifactError(
+                f"{self.path}: expected one input and {expected} output{'s' if expected > 1 else ''} ({what}); "
+                f"the graph has {len(inputs)} and {len(outputs)}"
+            )
+        if attention is not None:
+            a, cells = outputs[1], attention.grid * attention.grid
+            if a.name != ATTENTION_NAME or a.type != "tensor(float)" or len(a.shape) != 2 or a.shape[1] != cells:
+                raise ArtifactError(
+                    f"{self.path}: output {a.name} is {a.type} {a.shape}, expected {ATTENTION_NAME} float [N, {cells}]"
+                )
         i, o = inputs[0], outputs[0]
         if i.type != "tensor(uint8)" or len(i.shape) != 4 or list(i.shape[1:]) != [crop, crop, 3]:
             raise ArtifactError(
@@ -180,20 +200,29 @@ class ModelRuntime:
                 f"{self.path}: output {o.name} is {o.type} {o.shape}, expected float [N, {self.meta.num_classes}]"
             )
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, crop, crop, 3) → float32 logits (N, classes)."""
+    def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 (N, crop, crop, 3) → every output: float32 logits (N, classes), then the attention (N, grid²)
+        where the artifact has it. ONNX Runtime computes every node of the graph whichever outputs are asked
+        for (measured: asking for the logits alone is not faster), so the attention is always fetched."""
         try:
             if self.bound is not None:
-                return self.bound.run(batch)
-            out = self.session.run(None, {self.input_name: batch})[0]
+                return [self.bound.run(batch)]
+            outs = self.session.run(None, {self.input_name: batch})
         except Exception as exc:
             raise InferenceError(f"inference failed in ONNX Runtime on a batch of {len(batch)}: {exc}") from exc
-        return np.asarray(out, dtype=np.float32)
+        return [np.asarray(o, dtype=np.float32) for o in outs]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, crop, crop, 3) → float32 logits (N, classes)."""
+        return self.run_all(batch)[0]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """The batcher's predict function: runs off the event loop."""
-        logits = self.run(np.stack(images))
-        return [Prediction(row, len(images)) for row in logits]
+        batch = np.stack(images)
+        if not self.has_attention:
+            return [Prediction(row, len(images)) for row in self.run(batch)]
+        logits, attention = self.run_all(batch)
+        return [Prediction(row, len(images), att) for row, att in zip(logits, attention, strict=True)]
 
     def warmup(self, max_batch_size: int, cancelled: Callable[[], bool] = lambda: False) -> Warmup:
         """Run every batch shape twice, timing the second run (the first allocates and tunes); ``cancelled``

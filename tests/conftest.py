@@ -53,27 +53,31 @@ def run_deepvit() -> Callable[..., CliResult]:
     return _run_deepvit
 
 
-@pytest.fixture(scope="session")
-def exported_tiny_patch(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The official tiny_patch checkpoint exported (fp32, state_dict) by ``deepvit export``."""
+def _export_official(tmp_path_factory: pytest.TempPathFactory, name: str, *extra: str) -> Path:
+    """An official tiny checkpoint exported by ``deepvit export`` (fp32, state_dict, plus ``extra``)."""
     pytest.importorskip("torch", reason="exporting needs the train extra")
-    out = tmp_path_factory.mktemp("exported_tiny_patch") / "model.onnx"
+    out = tmp_path_factory.mktemp(f"exported_{name}") / "model.onnx"
+    checkpoint = DATA_DIR / "conformance" / f"official_{name}.pth.tar"
     result = _run_deepvit(
-        "export",
-        "--model-config",
-        DATA_DIR / "tiny_patch.json",
-        "--checkpoint",
-        DATA_DIR / "conformance" / "official_tiny_patch.pth.tar",
-        "--output",
-        out,
+        "export", "--model-config", DATA_DIR / f"{name}.json", "--checkpoint", checkpoint, *extra, "--output", out
     )
     assert result.code == 0, result.stderr
     return out
 
 
-@pytest.fixture
-def tiny_app(exported_tiny_patch: Path, tmp_path: Path) -> Iterator[InProcessApp]:
-    """The app (in process, no socket) over a repository holding the exported tiny_patch as ``tiny`` v1."""
+@pytest.fixture(scope="session")
+def exported_tiny_patch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official tiny_patch checkpoint exported (fp32, state_dict) by ``deepvit export``."""
+    return _export_official(tmp_path_factory, "tiny_patch")
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_cnn_explain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The official tiny_cnn checkpoint (a 4 x 4 patch grid) exported with the attention output (--explain)."""
+    return _export_official(tmp_path_factory, "tiny_cnn", "--explain")
+
+
+def _app_over(artifact_source: Path, tmp_path: Path) -> Iterator[InProcessApp]:
     from inprocess import InProcessApp
 
     from deepvit.service.app import create_app
@@ -81,9 +85,21 @@ def tiny_app(exported_tiny_patch: Path, tmp_path: Path) -> Iterator[InProcessApp
 
     artifact = tmp_path / "repo" / "tiny" / "1" / "model.onnx"
     artifact.parent.mkdir(parents=True)
-    shutil.copy(exported_tiny_patch, artifact)
+    shutil.copy(artifact_source, artifact)
     app = create_app(Settings(model_repository=tmp_path / "repo", providers=["cpu"], warmup=False))
     try:
         yield InProcessApp(app, app.state.ctx, artifact)
     finally:
         app.state.ctx.decode_pool.shutdown()
+
+
+@pytest.fixture
+def tiny_app(exported_tiny_patch: Path, tmp_path: Path) -> Iterator[InProcessApp]:
+    """The app (in process, no socket) over a repository holding the exported tiny_patch as ``tiny`` v1."""
+    yield from _app_over(exported_tiny_patch, tmp_path)
+
+
+@pytest.fixture
+def explain_app(exported_tiny_cnn_explain: Path, tmp_path: Path) -> Iterator[InProcessApp]:
+    """The same over the tiny_cnn exported with the attention output, as ``tiny`` v1."""
+    yield from _app_over(exported_tiny_cnn_explain, tmp_path)

@@ -52,6 +52,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    grpc: str = ""  # host:port of the gRPC Open Inference Protocol
 
     def client(self, **kw: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kw)  # type: ignore[arg-type]
@@ -64,18 +65,19 @@ class Server:
 
 
 def start_server(repo: Path, log_path: Path, env: dict[str, str] | None = None, wait_ready: bool = True) -> Server:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     full_env = {
         **os.environ,
         "DEEPVIT_PROVIDERS": "cpu",
         "DEEPVIT_LOG_FORMAT": "json",
         "DEEPVIT_GRACE_PERIOD_S": "20",
+        "DEEPVIT_GRPC_PORT": str(grpc_port),  # not the default 8001: servers of parallel tests would collide
         **(env or {}),
     }
     cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path, f"127.0.0.1:{full_env['DEEPVIT_GRPC_PORT']}")
     wait_for(server, "/livez" if not wait_ready else "/readyz")
     return server
 

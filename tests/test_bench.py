@@ -36,8 +36,18 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     assert "| HTTP service | hey, concurrency 1 |" in table
     assert "| HTTP service | hey, concurrency 4 |" in table
     assert "HTTP throughput / in-process pipeline" in table
-    http_rows = [line for line in table.splitlines() if line.startswith("| HTTP service")]
-    assert all(line.endswith("| 0 |") for line in http_rows), "requests failed under the benchmark"
+    assert "| gRPC service | tritonclient.grpc.aio, concurrency 1 |" in table
+    assert "| gRPC service | tritonclient.grpc.aio, concurrency 4 |" in table
+    assert "gRPC throughput / HTTP throughput" in table
+    assert "| naive baseline | hey, concurrency 4 |" in table
+    assert "HTTP throughput / naive baseline's" in table
+    assert "machine limit" in table
+    assert "HTTP throughput / machine limit" in table
+    assert (out / "tiny.png").read_bytes().startswith(b"\x89PNG"), "the chart of throughput and p99"
+    served = [
+        line for line in table.splitlines() if line.startswith(("| HTTP service", "| gRPC service", "| naive baseline"))
+    ]
+    assert all(line.endswith("| 0 |") for line in served), "requests failed under the benchmark"
     assert not list(out.glob(".bench-*")), "the server log was left behind"
 
 

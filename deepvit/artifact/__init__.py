@@ -11,14 +11,24 @@ the graph's input, so that export, ``verify``, ``inspect``, ``evaluate`` and the
 """
 
 from .errors import ArtifactError, ImageError, ImageTooLargeError
-from .metadata import INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, ArtifactMetadata, PreprocessSpec
+from .metadata import (
+    ATTENTION_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SCHEMA_VERSION,
+    ArtifactMetadata,
+    AttentionSpec,
+    PreprocessSpec,
+)
 
 __all__ = [
+    "ATTENTION_NAME",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "SCHEMA_VERSION",
     "ArtifactError",
     "ArtifactMetadata",
+    "AttentionSpec",
     "ImageError",
     "ImageTooLargeError",
     "PreprocessSpec",

@@ -1,9 +1,9 @@
 """The artifact's self-description: one typed object, written into ``metadata_props`` by export and parsed
 from there by everyone else.
 
-Schema 1 keys (all strings; JSON where the value is structured):
+Schema 2 keys (all strings; JSON where the value is structured):
 
-    deepvit.schema            "1"
+    deepvit.schema            "2" (schema 1 is schema 2 without ``deepvit.outputs``: logits only)
     deepvit.name, .arch       the model's name and architecture ("custom" for a config file)
     deepvit.config            the network's configuration (JSON, the official constructor's terms)
     deepvit.num_classes       the width of the logits
@@ -19,6 +19,8 @@ Schema 1 keys (all strings; JSON where the value is structured):
                               float32 (JSON; absent unless int8)
     deepvit.versions          the tools that made it (JSON)
     deepvit.exported_at       ISO 8601, UTC
+    deepvit.outputs           the graph's outputs (JSON): ``logits`` always; ``attention`` when exported with
+                              ``--explain``, with its patch grid and its definition in words
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from typing import Any
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "1"
-SUPPORTED_SCHEMAS = frozenset({SCHEMA_VERSION})
+SCHEMA_VERSION = "2"
+SUPPORTED_SCHEMAS = frozenset({"1", SCHEMA_VERSION})
 INPUT_NAME = "image"  # uint8 [N, crop, crop, 3] RGB; the graph casts, normalises and transposes
 OUTPUT_NAME = "logits"  # float32 [N, classes]
+ATTENTION_NAME = "attention"  # float32 [N, grid * grid], optional (schema 2): rows sum to 1
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
@@ -97,6 +100,27 @@ class PreprocessSpec:
 
 
 @dataclass(frozen=True)
+class AttentionSpec:
+    """The optional ``attention`` output: one map per image over the ``grid`` x ``grid`` patches (row-major,
+    summing to 1), computed in the graph as ``definition`` says."""
+
+    grid: int
+    definition: str
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise ArtifactError(f"attention grid {self.grid} must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": "float32",
+            "shape": ["N", self.grid * self.grid],
+            "grid": self.grid,
+            "definition": self.definition,
+        }
+
+
+@dataclass(frozen=True)
 class ArtifactMetadata:
     name: str
     arch: str
@@ -112,6 +136,7 @@ class ArtifactMetadata:
     quantization: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     exported_at: str = ""
+    attention: AttentionSpec | None = None  # the graph has the attention output
     schema: str = SCHEMA_VERSION
 
     @property
@@ -134,7 +159,15 @@ class ArtifactMetadata:
             "versions": self.versions,
             "exported_at": self.exported_at,
             "config": self.config,
+            "outputs": self.outputs(),
         }
+
+    def outputs(self) -> dict[str, Any]:
+        """The graph's outputs by name, as ``deepvit.outputs`` records them."""
+        out: dict[str, Any] = {OUTPUT_NAME: {"dtype": "float32", "shape": ["N", self.num_classes]}}
+        if self.attention is not None:
+            out[ATTENTION_NAME] = self.attention.to_dict()
+        return out
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` that export writes."""
@@ -155,6 +188,7 @@ class ArtifactMetadata:
             "deepvit.parity": json.dumps(self.parity),
             "deepvit.versions": json.dumps(self.versions),
             "deepvit.exported_at": self.exported_at,
+            "deepvit.outputs": json.dumps(self.outputs()),
         }
         if self.accuracy:
             props["deepvit.accuracy"] = json.dumps(self.accuracy)
@@ -203,8 +237,22 @@ class ArtifactMetadata:
             quantization=_json(meta, "deepvit.quantization", source) if "deepvit.quantization" in meta else {},
             versions=_json(meta, "deepvit.versions", source) if "deepvit.versions" in meta else {},
             exported_at=meta.get("deepvit.exported_at", ""),
+            attention=_attention(meta, source) if schema != "1" else None,
             schema=schema,
         )
+
+
+def _attention(meta: dict[str, str], source: str) -> AttentionSpec | None:
+    outputs = _json(meta, "deepvit.outputs", source)
+    spec = outputs.get(ATTENTION_NAME) if isinstance(outputs, dict) else None
+    if spec is None:
+        return None
+    try:
+        return AttentionSpec(grid=int(spec["grid"]), definition=str(spec.get("definition", "")))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{source}: {exc.message}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{source}: malformed attention output in metadata ({exc!r})") from None
 
 
 def _json(meta: dict[str, str], key: str, source: str) -> Any:

@@ -21,15 +21,8 @@ from deepvit.artifact import ArtifactError, PreprocessSpec
 from deepvit.artifact.predictions import Scored, top_k
 from deepvit.artifact.session import metadata_of, open_session, providers_for
 
-from ..checkpoint import (
-    WeightsKind,
-    class_names_of,
-    head_classes,
-    load_weights,
-    read_checkpoint,
-    weights_of,
-)
-from ..config import ConfigError, DeepViTConfig
+from ..checkpoint import WeightsKind, class_names_of, model_from_checkpoint, read_checkpoint
+from ..config import DeepViTConfig
 from .folders import class_index_map, image_folder, remap_targets
 from .topk import TopK, evaluate_model
 from .transforms import artifact_input, eval_transform
@@ -92,21 +85,9 @@ def evaluate_checkpoint(
     device: torch.device | None = None,
 ) -> EvalReport:
     """Top-k of a checkpoint's weights; ``cfg`` defaults to the config this project's checkpoints carry."""
-    from ..net import DeepViT
-
     obj = read_checkpoint(checkpoint)
-    sd = weights_of(obj, weights)
-    if cfg is None:
-        saved = obj.get("config") if isinstance(obj, dict) else None
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{checkpoint} carries no model config: pass --arch or --model-config")
-        cfg = DeepViTConfig.from_dict(saved)
-        arch = str(obj.get("arch", arch))
-    classes = head_classes(sd)
-    if classes is not None:
-        cfg = cfg.replace(num_classes=classes)
-    model = DeepViT(cfg).eval()
-    load_weights(model, sd, arch)
+    model = model_from_checkpoint(obj, checkpoint, cfg, arch, weights)
+    cfg = model.cfg
     device = device or torch.device("cpu")
     model.to(device)
     names = class_names_of(obj, cfg.num_classes)

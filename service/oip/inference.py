@@ -7,7 +7,8 @@ can still call it; in JSON each such element is base64. An output asked for with
 ``classification: k`` is answered as ``BYTES [N, k]`` strings ``"score:index:label"``: the top k classes,
 highest first, the score being the raw output value (the logit, as Triton does) written with every digit it
 has; with the output parameter ``classification_score: "probability"`` it is the softmax probability that
-``/classify`` reports instead.
+``/classify`` reports instead. An artifact exported with ``--explain`` has a second output, ``attention``
+``FP32 [N, grid * grid]`` (what ``/explain`` serves); a request names it among its outputs to have it.
 
 ``decode_request`` does everything from the raw body to the images (decompressing, parsing, decoding) and
 blocks: the endpoint runs it in the decode pool, a few at a time.
@@ -22,10 +23,11 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from deepvit.artifact import ATTENTION_NAME
 from deepvit.artifact.pixels import FORMATS_TEXT
 from deepvit.artifact.predictions import softmax
 
-from ..errors import BadRequestError, PayloadTooLargeError
+from ..errors import BadRequestError, ConflictError, InferenceError, PayloadTooLargeError
 from ..models.manager import ModelVersion
 from .codec import BinaryData, decode_tensor, decompress, encode_response, encode_tensor, split_body
 from .schemas import InferenceRequest, ModelMetadata, Parameters, RequestInput, TensorMetadata
@@ -41,17 +43,24 @@ class ModelIO:
     crop: int
     num_classes: int
     labels: tuple[str, ...]
+    attention_cells: int = 0  # the attention output's width (grid²); 0: the artifact has no such output
 
     @classmethod
     def of(cls, mv: ModelVersion) -> ModelIO:
         rt = mv.runtime
+        att = rt.meta.attention
         return cls(
             rt.input_name,
             str(rt.session.get_outputs()[0].name),
             rt.meta.preprocess.crop_size,
             rt.meta.num_classes,
             rt.meta.labels,
+            0 if att is None else att.grid * att.grid,
         )
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name, ATTENTION_NAME] if self.attention_cells else [self.output_name]
 
     @property
     def input_shape(self) -> list[int]:
@@ -143,20 +152,27 @@ def _param(params: Parameters, key: str, kind: type[bool] | type[int], where: st
     return value
 
 
-def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Images:
-    """The request's one input, checked against the model: name, datatype, shape, data."""
+def the_input(req: InferenceRequest, io: ModelIO, max_images: int) -> RequestInput:
+    """The request's one input, checked against the model (name, datatype, shape, batch size) before its
+    data is looked at: both protocols' front ends call this."""
     if len(req.inputs) != 1:
         names = ", ".join(repr(i.name) for i in req.inputs)
         raise BadRequestError(f"the model takes one input, {io.input_name!r}; the request has {names}")
     inp = req.inputs[0]
     if inp.name != io.input_name:
         raise BadRequestError(f"unknown input {inp.name!r}; the model's input is {io.input_name!r}")
-    where = f"input {inp.name!r}"
     if any(k.startswith("shared_memory") for k in inp.parameters):
-        raise BadRequestError(f"{where}: shared memory is not supported; send the data in the request")
+        raise BadRequestError(f"input {inp.name!r}: shared memory is not supported; send the data in the request")
     n = _check_shape(inp, io)
     if n > max_images:
         raise PayloadTooLargeError(f"{n} images in one request; the limit is {max_images}")
+    return inp
+
+
+def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Images:
+    """The request's one input, checked against the model: name, datatype, shape, data."""
+    inp = the_input(req, io, max_images)
+    where = f"input {inp.name!r}"
     data = BinaryData(binary)
     size = _param(inp.parameters, "binary_data_size", int, where)
     if size is not None and size < 0:
@@ -192,11 +208,19 @@ def wanted_outputs(req: InferenceRequest, io: ModelIO) -> list[WantedOutput]:
     out: list[WantedOutput] = []
     for o in req.outputs:
         where = f"output {o.name!r}"
-        if o.name != io.output_name:
-            raise BadRequestError(f"unknown output {o.name!r}; the model's output is {io.output_name!r}")
+        if o.name == ATTENTION_NAME and not io.attention_cells:
+            raise ConflictError(
+                f"this model version has no {ATTENTION_NAME!r} output: it was exported without it; re-export it "
+                "with deepvit export --explain (the same arguments plus --explain)"
+            )
+        if o.name not in io.output_names:
+            names = " and ".join(repr(n) for n in io.output_names)
+            raise BadRequestError(f"unknown output {o.name!r}; the model's outputs are {names}")
         if any(k.startswith("shared_memory") for k in o.parameters):
             raise BadRequestError(f"{where}: shared memory is not supported")
         k = _param(o.parameters, "classification", int, where) or 0
+        if k and o.name == ATTENTION_NAME:
+            raise BadRequestError(f"{where}: classification applies to {io.output_name!r}, not to the attention map")
         if not 0 <= k <= io.num_classes:
             raise BadRequestError(f"{where}: classification {k} must be between 1 and the {io.num_classes} classes")
         binary = _param(o.parameters, "binary_data", bool, where)
@@ -205,7 +229,7 @@ def wanted_outputs(req: InferenceRequest, io: ModelIO) -> list[WantedOutput]:
             raise BadRequestError(f"{where}: classification_score must be 'logit' or 'probability'")
         out.append(WantedOutput(o.name, k, binary_default if binary is None else binary, score == "probability"))
     if len({o.name for o in out}) != len(out):
-        raise BadRequestError(f"output {io.output_name!r} is asked for twice")
+        raise BadRequestError("an output is asked for twice; name each output once")
     return out
 
 
@@ -221,14 +245,23 @@ def classification(logits: np.ndarray, k: int, labels: tuple[str, ...], probabil
 
 
 def encode_answer(
-    req: InferenceRequest, mv: ModelVersion, io: ModelIO, logits: np.ndarray, outputs: list[WantedOutput]
+    req: InferenceRequest,
+    mv: ModelVersion,
+    io: ModelIO,
+    logits: np.ndarray,
+    outputs: list[WantedOutput],
+    attention: np.ndarray | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The inference response: (body, headers)."""
+    """The inference response: (body, headers). ``attention`` (N, grid²) when an output asks for it."""
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     n = len(logits)
     for o in outputs:
-        if o.classification:
+        if o.name == ATTENTION_NAME:
+            if attention is None:  # the version that answered was replaced by one without it meanwhile
+                raise InferenceError(f"model {mv.name} version {mv.version} gave no {ATTENTION_NAME!r} output")
+            desc, raw = encode_tensor(o.name, "FP32", [n, io.attention_cells], attention, binary=o.binary)
+        elif o.classification:
             strings = classification(logits, o.classification, io.labels, o.probability)
             desc, raw = encode_tensor(o.name, "BYTES", [n, o.classification], strings, binary=o.binary)
         else:
@@ -250,7 +283,12 @@ def model_metadata(mv: ModelVersion, versions: list[int]) -> ModelMetadata:
         versions=[str(v) for v in versions],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=io.input_name, datatype="UINT8", shape=io.input_shape)],
-        outputs=[TensorMetadata(name=io.output_name, datatype="FP32", shape=[-1, io.num_classes])],
+        outputs=[TensorMetadata(name=io.output_name, datatype="FP32", shape=[-1, io.num_classes])]
+        + (
+            [TensorMetadata(name=ATTENTION_NAME, datatype="FP32", shape=[-1, io.attention_cells])]
+            if io.attention_cells
+            else []
+        ),
         parameters={
             "version": str(mv.version),
             "encoded_image_input": f"{io.input_name!r} also takes BYTES [-1]: encoded images ({FORMATS_TEXT}), "

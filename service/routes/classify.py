@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 
 from deepvit.artifact.predictions import top_k as top_k_of
 
 from ..context import AppContext, get_context
-from ..errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..errors import BadRequestError
 from ..models.manager import ModelVersion
 from .responses import error_responses
+from .uploads import IMAGE_REQUEST_BODY, ModelName, ModelVersionNumber, TopK, is_multipart, read_images
 
 router = APIRouter(tags=["classification"])
 
@@ -57,27 +56,15 @@ class MultiClassifyResponse(BaseModel):
     results: list[FileResult] = Field(description="one per 'file' part, in the order of the parts")
 
 
-async def read_parts(request: Request, ctx: AppContext) -> list[tuple[str | None, bytes]]:
-    limit = ctx.settings.max_images_per_request
-    try:
-        form = await request.form(max_files=limit, max_fields=limit)
-    except MultiPartException as exc:
-        raise BadRequestError(f"malformed multipart body: {exc.message}") from None
-    except StarletteHTTPException as exc:  # Starlette's own limits on parts
-        if "Too many files" in str(exc.detail):
-            raise PayloadTooLargeError(f"more than {limit} images in one request; send at most {limit}") from None
-        raise BadRequestError(f"malformed multipart body: {exc.detail}") from None
-    blobs: list[tuple[str | None, bytes]] = []
-    try:
-        for key, value in form.multi_items():
-            if key != "file" or not isinstance(value, UploadFile):
-                raise BadRequestError(f"unexpected multipart part {key!r}; send each image as a file part named 'file'")
-            blobs.append((value.filename, await value.read()))
-    finally:
-        await form.close()
-    if not blobs:
-        raise BadRequestError("the multipart body has no 'file' parts; send each image as a part named 'file'")
-    return blobs
+def top_k_check(top_k: int) -> Callable[[ModelVersion], None]:
+    """The check of ``top_k`` against the version a request resolves to (before its body is read)."""
+
+    def check(mv: ModelVersion) -> None:
+        n_classes = mv.runtime.meta.num_classes
+        if top_k > n_classes:
+            raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
+
+    return check
 
 
 @router.post(
@@ -85,45 +72,18 @@ async def read_parts(request: Request, ctx: AppContext) -> list[tuple[str | None
     response_model=ClassifyResponse | MultiClassifyResponse,
     responses=_ERRORS,
     summary="Classify one image (raw body) or several (multipart 'file' parts)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                        "required": ["file"],
-                    }
-                },
-            },
-        }
-    },
+    openapi_extra={"requestBody": IMAGE_REQUEST_BODY},
 )
 async def classify(
     request: Request,
     ctx: Annotated[AppContext, Depends(get_context)],
-    top_k: Annotated[int, Query(ge=1, description="how many classes to return")] = 5,
-    model: Annotated[str | None, Query(description="model name (default: the default model)")] = None,
-    version: Annotated[int | None, Query(ge=1, description="model version (default: the latest)")] = None,
+    top_k: TopK = 5,
+    model: ModelName = None,
+    version: ModelVersionNumber = None,
 ) -> ClassifyResponse | MultiClassifyResponse:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    multipart = media == "multipart/form-data"
-    if not (multipart or media.startswith("image/") or media == "application/octet-stream"):
-        raise UnsupportedMediaTypeError(
-            f"content type {media or '(none)'!r} is not supported; send the image bytes with Content-Type "
-            "image/jpeg (or image/png, application/octet-stream), or multipart/form-data with 'file' parts"
-        )
-
-    def check(mv: ModelVersion) -> None:
-        n_classes = mv.runtime.meta.num_classes
-        if top_k > n_classes:
-            raise BadRequestError(f"top_k={top_k} is more than the model's {n_classes} classes")
-
-    with ctx.pipeline.begin(model, version, check) as call:
-        blobs = await read_parts(request, ctx) if multipart else [(None, await request.body())]
+    multipart = is_multipart(request)
+    with ctx.pipeline.begin(model, version, top_k_check(top_k)) as call:
+        blobs = await read_images(request, ctx, multipart)
         call.received(len(blobs))
         answer = await call.classify(blobs)
     request.state.log.update(answer.log_fields())

@@ -31,9 +31,13 @@ async def readyz(ctx: Annotated[AppContext, Depends(get_context)]) -> JSONRespon
     )
 
 
-@router.get("/metrics", summary="Prometheus text exposition")
+class PrometheusText(Response):
+    media_type = CONTENT_TYPE  # what OpenAPI declares for /metrics: the text exposition format, not JSON
+
+
+@router.get("/metrics", response_class=PrometheusText, summary="Prometheus text exposition")
 async def metrics(ctx: Annotated[AppContext, Depends(get_context)]) -> Response:
-    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+    return PrometheusText(ctx.metrics.render())
 
 
 @router.get("/models", summary="Served models and what their artifacts say about themselves")

@@ -17,12 +17,14 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, ForbiddenError
 from ..oip.codec import HEADER_LENGTH
 from ..oip.inference import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
 from ..oip.schemas import (
+    InferenceRequest,
     InferenceResponse,
     ModelMetadata,
     ModelReady,
@@ -129,17 +131,30 @@ async def model_version_ready(ctx: Ctx, name: str, version: Version) -> ModelRea
 
 
 # -- inference --------------------------------------------------------------------------------------
+# The request body is read raw (JSON, or JSON then binary tensors) rather than through a FastAPI body model, so
+# its schema is declared here and its models added to the document's components by create_app.
+_, _request_defs = models_json_schema([(InferenceRequest, "validation")], ref_template="#/components/schemas/{model}")
+OPENAPI_SCHEMAS: dict[str, Any] = _request_defs["$defs"]
+_BINARY = {
+    "schema": {"type": "string", "format": "binary"},
+    "description": f"the JSON message ({HEADER_LENGTH} bytes, as that header says), then the binary tensors in "
+    "the order of the tensors that give a binary_data_size",
+}
 _INFER_DOC: dict[str, Any] = {
-    "responses": {200: {"model": InferenceResponse, "description": "JSON, or JSON then binary tensors"}, **_ERRORS},
+    "responses": {
+        200: {
+            "model": InferenceResponse,
+            "description": "JSON, or (binary outputs asked for) JSON then binary tensors",
+            "content": {"application/octet-stream": _BINARY},
+        },
+        **_ERRORS,
+    },
     "openapi_extra": {
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"type": "object", "description": "an inference request"}},
-                "application/octet-stream": {
-                    "schema": {"type": "string", "format": "binary"},
-                    "description": f"the JSON request ({HEADER_LENGTH} bytes), then the binary tensors",
-                },
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+                "application/octet-stream": _BINARY,
             },
         }
     },
@@ -166,7 +181,9 @@ async def _infer(request: Request, ctx: AppContext, name: str, version: int | No
             assert images.pixels is not None
             answer = await call.infer(images.pixels)
     request.state.log.update(answer.log_fields())
-    content, headers = encode_answer(decoded.request, answer.model, io, answer.logits, decoded.outputs)
+    content, headers = encode_answer(
+        decoded.request, answer.model, io, answer.logits, decoded.outputs, attention=answer.attention
+    )
     media_type = headers.pop("content-type")
     return Response(content, headers=headers, media_type=media_type)
 

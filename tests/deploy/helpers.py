@@ -223,6 +223,8 @@ def start_server(
         argv += ["--port", str(port)]
     else:
         port = int(argv[argv.index("--port") + 1])
+    if "--grpc-port" not in argv:
+        argv += ["--grpc-port", str(free_port())]  # not the default 8001, which another server may hold
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             argv,

@@ -152,8 +152,8 @@ def test_serving_image_starts_deepvit_serve_without_a_shell(name: str) -> None:
     assert exec_form(final.last("ENTRYPOINT") or "") == ["deepvit", "serve"]
     cmd = exec_form(final.last("CMD") or "")
     flags = dict(zip(cmd[::2], cmd[1::2], strict=True))
-    assert flags == {"--model-repository": "/models", "--host": "0.0.0.0", "--port": "8000"}
-    assert final.last("EXPOSE") == flags["--port"]
+    assert flags == {"--model-repository": "/models", "--host": "0.0.0.0", "--port": "8000", "--grpc-port": "8001"}
+    assert final.last("EXPOSE") == f"{flags['--port']} {flags['--grpc-port']}"
     assert final.last("STOPSIGNAL") == "SIGTERM"
     healthcheck = final.last("HEALTHCHECK") or ""
     options, _, command = healthcheck.partition("CMD ")

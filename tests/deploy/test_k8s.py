@@ -174,9 +174,14 @@ def test_custom_resources_have_their_required_fields(rendered: dict[str, list[di
                 (c,) = o["spec"]["predictor"]["containers"]
                 assert c["name"] == "kserve-container"
                 assert c["image"]
-                assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-                port = c["ports"][0]["containerPort"]
-                assert c["args"][c["args"].index("--port") + 1] == str(port)
+                (port,) = c["ports"]  # Knative routes one port: http1 for REST, h2c for gRPC
+                if port["name"] == "h2c":
+                    assert c["args"][c["args"].index("--grpc-port") + 1] == str(port["containerPort"])
+                    assert c["readinessProbe"]["grpc"]["port"] == port["containerPort"]  # grpc.health.v1
+                else:
+                    assert port["name"] == "http1"
+                    assert c["args"][c["args"].index("--port") + 1] == str(port["containerPort"])
+                    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
                 # What Knative's admission accepts without cluster feature flags: no "privileged", and on
                 # the pod only the seccomp profile (the user goes on the container).
                 assert "privileged" not in c["securityContext"]
@@ -194,20 +199,25 @@ def test_objects_fit_together(rendered: dict[str, list[dict[str, Any]]], overlay
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     container = _container(objs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000}
+    assert ports == {"http": 8000, "grpc": 8001}
     assert container["args"][container["args"].index("--port") + 1] == "8000"
+    assert container["args"][container["args"].index("--grpc-port") + 1] == "8001"
 
     def selects(selector: dict[str, str]) -> bool:
         return bool(selector) and all(pod_labels.get(k) == v for k, v in selector.items())
 
     service = _one(objs, "Service", "deepvit-serve")
     assert selects(service["spec"]["selector"])
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
+    assert {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]} == {
+        "http": "http",
+        "grpc": "kubernetes.io/h2c",
+    }
     assert selects(deploy["spec"]["selector"]["matchLabels"])
     assert selects(_one(objs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"])
     netpol = _one(objs, "NetworkPolicy")
     assert selects(netpol["spec"]["podSelector"]["matchLabels"])
-    assert netpol["spec"]["ingress"][0]["ports"][0]["port"] in ports
+    assert {p["port"] for p in netpol["spec"]["ingress"][0]["ports"]} == set(ports)
     assert netpol["spec"]["egress"] == []
     monitor = _one(objs, "ServiceMonitor")
     assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())

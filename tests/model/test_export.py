@@ -38,6 +38,7 @@ METADATA_KEYS = {
     "deepvit.parity",
     "deepvit.versions",
     "deepvit.exported_at",
+    "deepvit.outputs",
 }
 
 
@@ -168,7 +169,8 @@ def test_artifact_agrees_with_pytorch_on_uint8_images(exported: Exported) -> Non
 def test_metadata_describes_the_model(exported: Exported) -> None:
     meta, case, cfg = exported.meta(), exported.case, exported.config
     assert set(meta) >= METADATA_KEYS
-    assert meta["deepvit.schema"] == "1"
+    assert meta["deepvit.schema"] == "2"
+    assert json.loads(meta["deepvit.outputs"]) == {"logits": {"dtype": "float32", "shape": ["N", cfg.num_classes]}}
     assert meta["deepvit.name"] == case.config  # the config file's name
     assert DeepViTConfig.from_dict(json.loads(meta["deepvit.config"])) == cfg
     assert int(meta["deepvit.num_classes"]) == cfg.num_classes

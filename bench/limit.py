@@ -1,0 +1,63 @@
+"""The machine's limit for a model: cores / (decode CPU per image + single-threaded inference CPU per image
+at its most efficient batch size). No server can serve more on this machine with this pixel path and this
+ONNX Runtime; ``deepvit bench`` quotes the service as a share of it."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deepvit.artifact.pixels import ImageLimits, preprocess
+from deepvit.artifact.session import metadata_of, open_session
+
+
+@dataclass(frozen=True)
+class MachineLimit:
+    cores: int
+    decode_ms: float  # CPU per image: decode, resize, crop
+    infer_ms: float  # single-threaded ONNX Runtime, per image, at ``best_batch``
+    best_batch: int
+    infer_ms_by_batch: dict[int, float]
+
+    @property
+    def images_per_s(self) -> float:
+        return self.cores * 1000.0 / (self.decode_ms + self.infer_ms)
+
+    def describe(self) -> str:
+        return (
+            f"machine limit {self.images_per_s:.1f} img/s = {self.cores} cores / ({self.decode_ms:.2f} ms decode "
+            f"+ {self.infer_ms:.2f} ms single-threaded inference at batch {self.best_batch}, per image)"
+        )
+
+
+def measure_limit(artifact: Path, photo: bytes, batch_sizes: Sequence[int], min_time_s: float) -> MachineLimit:
+    session = open_session(artifact, intra_op_threads=1, inter_op_threads=1)
+    spec = metadata_of(session, str(artifact)).preprocess
+    limits = ImageLimits(50_000_000, 50.0)
+    preprocess(photo, spec, limits)  # not timed: first-call effects
+    n, t0 = 0, time.thread_time()
+    started = time.perf_counter()
+    while n < 5 or time.perf_counter() - started < min_time_s:
+        preprocess(photo, spec, limits)
+        n += 1
+    decode_ms = 1000.0 * (time.thread_time() - t0) / n
+    name = session.get_inputs()[0].name
+    crop = spec.crop_size
+    by_batch: dict[int, float] = {}
+    for b in batch_sizes:
+        x = np.random.default_rng(b).integers(0, 256, (b, crop, crop, 3), dtype=np.uint8)
+        session.run(None, {name: x})
+        runs, t0 = 0, time.thread_time()
+        started = time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < min_time_s:
+            session.run(None, {name: x})
+            runs += 1
+        # One intra-op thread: ONNX Runtime computes in the calling thread, so its CPU time is this thread's.
+        by_batch[b] = 1000.0 * (time.thread_time() - t0) / (runs * b)
+    best = min(by_batch, key=lambda b: by_batch[b])
+    return MachineLimit(os.cpu_count() or 1, decode_ms, by_batch[best], best, by_batch)
