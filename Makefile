@@ -9,12 +9,13 @@ DEFAULT_MODEL ?= deepvit_S
 EXTRAS ?= train,dev
 TOOLS_VENV ?= .venv-tools
 
-.PHONY: help serve test lint pytest dev tools default-model bench clean proto
+.PHONY: help serve test lint pytest dev tools default-model bench bench-gpu clean proto
 
 help:
 	@echo "make serve   set up .venv, export the embedded default model if $(MODEL_REPOSITORY)/ is empty, serve on $(HOST):$(PORT)"
 	@echo "make test    set up .venv with every extra, lint, type-check and run the whole test suite"
 	@echo "make bench   benchmark table (ONNX Runtime, in-process pipeline, HTTP under load)"
+	@echo "make bench-gpu [WHEELS=DIR]   the GPU check: raw ORT CUDA, IO binding, CUDA graphs, PyTorch, HTTP, fp16 parity"
 	@echo "make analyze-demo  attention collapse of plain attention vs Re-attention on the shapes set (docs/analysis/)"
 
 # Re-install whenever pyproject.toml changes.
@@ -68,6 +69,12 @@ test: lint pytest
 
 bench: default-model
 	$(BIN)/deepvit bench --model-repository $(MODEL_REPOSITORY)
+
+# The GPU check (bench/gpu.py): one table, on a machine with a GPU, PyTorch and onnx. It uses the
+# interpreter as it is (no .venv: such a machine reaches no index); WHEELS=DIR installs the wheels there
+# first (onnxruntime-gpu whole or split into NAME.whl.part-*, and the service's dependencies).
+bench-gpu:
+	$(PYTHON) -m deepvit.bench.gpu $(if $(WHEELS),--wheels $(WHEELS))
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -4,8 +4,10 @@ Noise images, which the parity check uses, have small top-1 margins and say litt
 model loses, so a reduced precision is held to the float32 PyTorch model on photographs: the real ones the
 project ships (several views of each: the service's crop, smaller regions and their mirror images, all
 through the contract's pixel path) and the calibration folder when one is given. The gate is top-1
-agreement of at least 99%; beside it, the mean and the largest change |Δp| of the probability of the
-reference's top-1 class (how much the reduced precision moves the score a caller sees first).
+agreement of at least 99% (recorded, but not enforced, for random initial weights, whose near-uniform
+probabilities make decisions that mean nothing); beside it, the mean and the largest change |Δp| of the
+probability of the reference's top-1 class (how much the reduced precision moves the score a caller sees
+first).
 """
 
 from __future__ import annotations

@@ -220,7 +220,11 @@ def export_artifact(
         log(f"checking accuracy against float32 PyTorch on {len(gate)} natural images…")
         accuracy = check_accuracy(reference, graph, info.precision, gate)
         log(f"accuracy {accuracy.summary()}")
-        if not accuracy.passed:
+        if not accuracy.passed and info.weights == "random_init":
+            # Untrained weights have near-uniform probabilities and no decisions worth keeping: the figures
+            # are recorded (passed: false) and said, so that such an artifact can still be timed.
+            log(f"WARNING: the accuracy gate fails ({accuracy.summary()}) but is not enforced: random weights")
+        elif not accuracy.passed:
             raise ParityError(
                 f"accuracy gate failed, nothing written: {accuracy.summary()}; gate {accuracy.to_dict()['gate']}"
             )

@@ -10,7 +10,9 @@
   softmax map whose range per head is narrow and whose mixing across the heads an 8-bit grid coarsens).
   Activations int8 and symmetric (S8S8, ONNX Runtime's recommendation for QDQ on x86-64): with uint8
   activations (U8S8) the official tiny_cnn weights kept 2% of their top-1 decisions on the shipped
-  photographs, with S8S8 all of them.
+  photographs, with S8S8 all of them. On a small trained model (35% top-1 on the demo's shapes), MinMax,
+  Entropy and Percentile (99.99, 99.999) calibration all agreed with float32 on 97.5–99.5% of the images
+  and none beat dynamic (98.5–99.5%); MinMax, the simplest, is the one used.
 
 What was done is recorded in the artifact (``deepvit.quantization``), with the speed of the int8 graph
 beside the float32 one on the exporting machine: int8 does not always pay (on a very small model the

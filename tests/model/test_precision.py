@@ -163,6 +163,23 @@ def test_a_failing_accuracy_gate_writes_nothing(
     assert out.read_bytes() == b"the artifact in service"
 
 
+def test_the_gate_is_recorded_but_not_enforced_for_random_weights(
+    tmp_path: Path, run_deepvit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Untrained, so that such an artifact can still be benchmarked; what the gate found is kept with it.
+    monkeypatch.setattr(deepvit.model.accuracy, "MIN_TOP1_AGREEMENT", 1.01)
+    out = tmp_path / "model.onnx"
+    result = run_deepvit(
+        "export", "--model-config", TINY_CNN[1], "--random-init", "--precision", "int8", "--output", out
+    )
+    assert result.code == 0, result.stderr
+    assert "WARNING: the accuracy gate fails" in result.stderr
+    assert "not enforced: random weights" in result.stderr
+    meta = read_metadata(out)
+    assert meta.untrained
+    assert meta.accuracy["passed"] is False
+
+
 def test_without_natural_images_a_reduced_precision_is_refused(
     tmp_path: Path, run_deepvit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,8 @@
 """int8 of a trained model keeps what it learned: the `make demo` model (trained once per session by the
-``trained_shapes_artifact`` fixture) exported int8, dynamic and static, evaluated on the validation images
-through the service's pixel path, within one point of the float32 artifact's top-1."""
+``trained_shapes_artifact`` fixture) exported int8 and evaluated on the validation images through the
+service's pixel path, within one point of the float32 artifact's top-1. Dynamic quantization (the default)
+must pass its gate; static QDQ must either pass it and keep the accuracy, or be refused with nothing written
+(on a weaker model, trained 12 epochs to 35%, static agreed 98.4% over the gate's images and was refused)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def test_int8_keeps_validation_accuracy_within_one_point(
     if method == "static":
         args += ["--calibration", t.train_dir]  # calibrated on training images, judged on validation ones
     res = run_deepvit(*args)
+    if method == "static" and res.code == 2:
+        assert "accuracy gate failed, nothing written" in res.stderr, res.stderr
+        assert not out.exists()
+        return
     assert res.code == 0, res.stderr
     meta = read_metadata(out)
     assert meta.quantization["method"] == method
