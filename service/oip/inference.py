@@ -215,7 +215,8 @@ def wanted_outputs(req: InferenceRequest, io: ModelIO) -> list[WantedOutput]:
             )
         if o.name not in io.output_names:
             names = " and ".join(repr(n) for n in io.output_names)
-            raise BadRequestError(f"unknown output {o.name!r}; the model's outputs are {names}")
+            are = "outputs are" if len(io.output_names) > 1 else "output is"
+            raise BadRequestError(f"unknown output {o.name!r}; the model's {are} {names}")
         if any(k.startswith("shared_memory") for k in o.parameters):
             raise BadRequestError(f"{where}: shared memory is not supported")
         k = _param(o.parameters, "classification", int, where) or 0
