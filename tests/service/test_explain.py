@@ -194,3 +194,36 @@ def test_deepvit_explain_gives_the_same_answer_and_picture_without_a_server(
     not_image = run_deepvit("explain", tmp_path / "overlay.png.txt", "--artifact", explain_app.artifact)
     assert not_image.code == 2
     assert "cannot read" in not_image.stderr
+
+
+def test_an_artifact_of_the_first_schema_serves_classify_and_answers_explain_with_409(
+    exported_tiny_patch: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    from deepvit.service.app import create_app
+    from deepvit.service.config import Settings
+
+    proto = onnx.load(str(exported_tiny_patch))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["deepvit.schema"] = "1"
+    del props["deepvit.outputs"]  # what an export before the attention output wrote
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    artifact = tmp_path / "repo" / "tiny" / "1" / "model.onnx"
+    artifact.parent.mkdir(parents=True)
+    onnx.save_model(proto, str(artifact))
+    app = create_app(Settings(model_repository=tmp_path / "repo", providers=["cpu"], warmup=False))
+    try:
+        old = InProcessApp(app, app.state.ctx, artifact)
+        classified, explained = serve(
+            old,
+            ("POST", "/classify", {"content": grey_png(), "headers": {"content-type": "image/png"}}),
+            ("POST", "/explain", {"content": grey_png(), "headers": {"content-type": "image/png"}}),
+        )
+    finally:
+        app.state.ctx.decode_pool.shutdown()
+    assert classified.status_code == 200, classified.text
+    assert explained.status_code == 409
+    assert "deepvit export --explain" in explained.json()["error"]
