@@ -18,12 +18,10 @@ import numpy as np
 from google.protobuf.message import Message
 from pydantic import ValidationError
 
-from deepvit.artifact import ATTENTION_NAME
-
-from ..errors import BadRequestError, InferenceError
+from ..errors import BadRequestError
 from ..models.manager import ModelVersion
 from ..oip.codec import decode_tensor, element_count, serialize_bytes_tensor
-from ..oip.inference import Decoded, Images, ModelIO, classification, the_input, wanted_outputs
+from ..oip.inference import Decoded, Images, ModelIO, output_tensors, the_input, wanted_outputs
 from ..oip.schemas import InferenceRequest, RequestInput
 from .proto import grpc_service_pb2 as pb
 
@@ -104,18 +102,10 @@ def encode_answer(
 ) -> pb.ModelInferResponse:
     """The response, every output in ``raw_output_contents``; ``attention`` (N, grid²) when one asks for it."""
     response = pb.ModelInferResponse(model_name=mv.name, model_version=str(mv.version), id=decoded.request.id or "")
-    n = len(logits)
-    for o in decoded.outputs:
-        if o.name == ATTENTION_NAME:
-            if attention is None:  # the version that answered was replaced by one without it meanwhile
-                raise InferenceError(f"model {mv.name} version {mv.version} gave no {ATTENTION_NAME!r} output")
-            response.outputs.add(name=o.name, datatype="FP32", shape=[n, io.attention_cells])
-            response.raw_output_contents.append(np.ascontiguousarray(attention, dtype="<f4").tobytes())
-        elif o.classification:
-            strings = classification(logits, o.classification, io.labels, o.probability)
-            response.outputs.add(name=o.name, datatype="BYTES", shape=[n, o.classification])
-            response.raw_output_contents.append(serialize_bytes_tensor(strings))
+    for t in output_tensors(mv, io, logits, decoded.outputs, attention):
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if isinstance(t.values, np.ndarray):
+            response.raw_output_contents.append(np.ascontiguousarray(t.values, dtype="<f4").tobytes())
         else:
-            response.outputs.add(name=o.name, datatype="FP32", shape=[n, io.num_classes])
-            response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+            response.raw_output_contents.append(serialize_bytes_tensor(t.values))
     return response

@@ -245,6 +245,37 @@ def classification(logits: np.ndarray, k: int, labels: tuple[str, ...], probabil
     return out
 
 
+@dataclass(frozen=True)
+class OutputTensor:
+    """One answered output, before a protocol encodes it: FP32 values, or BYTES elements."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[bytes]
+    binary: bool
+
+
+def output_tensors(
+    mv: ModelVersion, io: ModelIO, logits: np.ndarray, outputs: list[WantedOutput], attention: np.ndarray | None
+) -> list[OutputTensor]:
+    """The outputs a request asked for, from the answer (REST and gRPC encode these): the logits, their top k
+    as classification strings, or the attention (N, grid²)."""
+    n = len(logits)
+    out = []
+    for o in outputs:
+        if o.name == ATTENTION_NAME:
+            if attention is None:  # the version that answered was replaced by one without it meanwhile
+                raise InferenceError(f"model {mv.name} version {mv.version} gave no {ATTENTION_NAME!r} output")
+            out.append(OutputTensor(o.name, "FP32", [n, io.attention_cells], attention, o.binary))
+        elif o.classification:
+            strings = classification(logits, o.classification, io.labels, o.probability)
+            out.append(OutputTensor(o.name, "BYTES", [n, o.classification], strings, o.binary))
+        else:
+            out.append(OutputTensor(o.name, "FP32", [n, io.num_classes], logits, o.binary))
+    return out
+
+
 def encode_answer(
     req: InferenceRequest,
     mv: ModelVersion,
@@ -256,17 +287,8 @@ def encode_answer(
     """The inference response: (body, headers). ``attention`` (N, grid²) when an output asks for it."""
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    n = len(logits)
-    for o in outputs:
-        if o.name == ATTENTION_NAME:
-            if attention is None:  # the version that answered was replaced by one without it meanwhile
-                raise InferenceError(f"model {mv.name} version {mv.version} gave no {ATTENTION_NAME!r} output")
-            desc, raw = encode_tensor(o.name, "FP32", [n, io.attention_cells], attention, binary=o.binary)
-        elif o.classification:
-            strings = classification(logits, o.classification, io.labels, o.probability)
-            desc, raw = encode_tensor(o.name, "BYTES", [n, o.classification], strings, binary=o.binary)
-        else:
-            desc, raw = encode_tensor(o.name, "FP32", [n, io.num_classes], logits, binary=o.binary)
+    for t in output_tensors(mv, io, logits, outputs, attention):
+        desc, raw = encode_tensor(t.name, t.datatype, t.shape, t.values, binary=t.binary)
         described.append(desc)
         chunks.append(raw)
     header: dict[str, Any] = {"model_name": mv.name, "model_version": str(mv.version)}
