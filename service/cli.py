@@ -151,7 +151,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from deepvit.artifact import ArtifactError, ImageError
-    from deepvit.artifact.heatmap import attention_grid, overlay_png
+    from deepvit.artifact.heatmap import overlay_png
     from deepvit.artifact.pixels import load_file, transform
     from deepvit.artifact.predictions import top_k
     from deepvit.artifact.session import metadata_of, open_session
@@ -181,8 +181,7 @@ def _explain(args: argparse.Namespace) -> int:
     logits, attention = session.run(None, {session.get_inputs()[0].name: crop[None]})
     grid = meta.attention.grid
     try:
-        cells = attention_grid(attention[0], grid)
-        png = overlay_png(crop, attention[0], grid)
+        png = overlay_png(crop, attention[0], grid)  # checks the map is one of the grid
     except ArtifactError as exc:
         return fail(f"{args.artifact}: {exc.message}")
     predictions = top_k(logits[0], args.top_k, meta.labels)
@@ -202,7 +201,7 @@ def _explain(args: argparse.Namespace) -> int:
     for p in predictions:
         print(f"{p['score']:8.2%}  {p['label']} ({p['class_id']})")
     print(f"attention over the {grid}x{grid} patches (% of the cls token's attention flow):")
-    for row in cells:
+    for row in attention[0].reshape(grid, grid):
         print("  " + " ".join(f"{100 * v:5.1f}" for v in row))
     if args.output is not None:
         print(f"overlay written to {args.output}")

@@ -282,12 +282,12 @@ class Call:
         the request's deadline no longer applies, since its work is done."""
         pixels = await self.decode(blobs)
         answer = await self.infer(pixels)
-        spec = answer.model.runtime.meta.attention
-        maps = [p.attention for p in answer.predictions]
-        if spec is None or any(m is None for m in maps):  # replaced meanwhile by a version without it
+        spec, maps = answer.model.runtime.meta.attention, answer.attention
+        if spec is None or maps is None:  # replaced meanwhile by a version without it
             require_attention(answer.model)
         assert spec is not None
-        attention = [m for m in maps if m is not None]
+        assert maps is not None
+        attention = list(maps)
 
         def draw() -> list[bytes]:
             try:
