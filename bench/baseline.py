@@ -18,12 +18,14 @@ from fastapi.concurrency import run_in_threadpool
 from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.artifact.predictions import top_k
 from deepvit.artifact.session import metadata_of, open_session
+from deepvit.service.config import Settings
 
 
 def create_app(artifact: Path) -> FastAPI:
     session = open_session(artifact)  # ONNX Runtime's default: one intra-op thread per core
     meta = metadata_of(session, str(artifact))
-    limits = ImageLimits(50_000_000, 50.0)
+    settings = Settings()  # the service's default limits: the same pixel path as a default server
+    limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
     input_name = session.get_inputs()[0].name
     app = FastAPI(title="baseline: one ONNX Runtime call per request")
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.artifact.session import metadata_of, open_session
+from deepvit.service.config import Settings
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class MachineLimit:
 def measure_limit(artifact: Path, photo: bytes, batch_sizes: Sequence[int], min_time_s: float) -> MachineLimit:
     session = open_session(artifact, intra_op_threads=1, inter_op_threads=1)
     spec = metadata_of(session, str(artifact)).preprocess
-    limits = ImageLimits(50_000_000, 50.0)
+    settings = Settings()  # the service's default limits: the same pixel path as a default server
+    limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
     preprocess(photo, spec, limits)  # not timed: first-call effects
     n, t0 = 0, time.thread_time()
     started = time.perf_counter()
