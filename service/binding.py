@@ -1,9 +1,10 @@
-"""IO binding: one preallocated input buffer and one bound output per batch-size bucket, reused every batch.
+"""IO binding: one preallocated input buffer and bound outputs per batch-size bucket, reused every batch.
 
 Without it ``session.run`` allocates the input on the device, copies it, allocates the output and copies
 it back, per batch. With it a batch is written into the bucket's host buffer, copied to the device once
 (``OrtValue.update_inplace``; on the CPU the session reads the host buffer itself), and ONNX Runtime writes
-the logits into the bucket's bound output. CUDA graphs need exactly this (fixed addresses, fixed shapes):
+the logits (and the attention, where the artifact has it) into the bucket's bound outputs. CUDA graphs
+need exactly this (fixed addresses, fixed shapes):
 a batch is padded up to its bucket (the warm-up shapes) and each bucket replays its own captured graph
 (``gpu_graph_id``; ONNX Runtime's CUDA graph documentation).
 """
@@ -23,7 +24,7 @@ import numpy as np
 class _Slot:
     host: np.ndarray  # (bucket, crop, crop, 3) uint8: the batch is copied in here, the rest zero
     device_input: Any  # the OrtValue the session reads (on the CPU: a view of ``host``)
-    output: Any  # the bound OrtValue ONNX Runtime writes the logits into
+    outputs: list[Any]  # the bound OrtValues ONNX Runtime writes every output into, in the graph's order
     binding: Any
     run_options: Any
 
@@ -50,7 +51,9 @@ class BoundSession:
     ) -> None:
         self.session = session
         self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
+        # Every output is (N, width): the logits' width is the class count, the others' the graph's own.
+        outs = session.get_outputs()
+        self.outputs = [(o.name, num_classes if i == 0 else int(o.shape[1])) for i, o in enumerate(outs)]
         self.crop, self.num_classes = crop, num_classes
         self.device, self.device_id = device, device_id
         self.buckets = sorted(buckets) if buckets else None
@@ -72,28 +75,33 @@ class BoundSession:
             device_input = ort.OrtValue.ortvalue_from_numpy(host)  # shares the host buffer: no copy
         else:
             device_input = ort.OrtValue.ortvalue_from_shape_and_type(host.shape, np.uint8, self.device, self.device_id)
-        output = ort.OrtValue.ortvalue_from_shape_and_type(
-            (size, self.num_classes), np.float32, self.device, self.device_id
-        )
+        outputs = [
+            ort.OrtValue.ortvalue_from_shape_and_type((size, width), np.float32, self.device, self.device_id)
+            for _, width in self.outputs
+        ]
         binding.bind_ortvalue_input(self.input_name, device_input)
-        binding.bind_ortvalue_output(self.output_name, output)
+        for (name, _), output in zip(self.outputs, outputs, strict=True):
+            binding.bind_ortvalue_output(name, output)
         run_options = ort.RunOptions()
         if self.cuda_graph:
             # One graph per bucket; ids are consecutive from 0 in the order the buckets are first run.
             run_options.add_run_config_entry("gpu_graph_id", str(len(self._slots)))
-        slot = _Slot(host, device_input, output, binding, run_options)
+        slot = _Slot(host, device_input, outputs, binding, run_options)
         self._slots[size] = slot
         return slot
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, crop, crop, 3) → float32 logits (N, classes), a copy the caller owns."""
+    def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 (N, crop, crop, 3) → every output for the N images (the logits first), copies the caller owns."""
         n = len(batch)
         with self._lock:
             slot = self._slot(self.size_for(n))
             slot.host[:n] = batch
-            slot.host[n:] = 0  # padding: a constant image, whose logits are dropped
+            slot.host[n:] = 0  # padding: a constant image, whose outputs are dropped
             if self.device != "cpu":
                 slot.device_input.update_inplace(slot.host)  # the one host→device copy
             self.session.run_with_iobinding(slot.binding, slot.run_options)
-            logits: np.ndarray = slot.output.numpy()[:n].copy()
-        return logits
+            return [np.asarray(o.numpy()[:n]).copy() for o in slot.outputs]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, crop, crop, 3) → float32 logits (N, classes), a copy the caller owns."""
+        return self.run_all(batch)[0]

@@ -124,13 +124,7 @@ class ModelRuntime:
         on_gpu = self.provider in GPU_PROVIDERS.values()
         self.cuda_graph = self.cuda_graph and self.provider == "CUDAExecutionProvider"
         self.bound: BoundSession | None = None
-        if settings.binds_io and self.has_attention:
-            # The bound session holds one output, the logits; the attention output is fetched by session.run.
-            log.info(
-                f"{self.path}: IO binding is not used for an artifact with the attention output",
-                extra={"event": "io_binding_off"},
-            )
-        elif settings.binds_io:
+        if settings.binds_io:
             self.bound = BoundSession(
                 self.session,
                 self.meta.preprocess.crop_size,
@@ -206,7 +200,7 @@ class ModelRuntime:
         for (measured: asking for the logits alone is not faster), so the attention is always fetched."""
         try:
             if self.bound is not None:
-                return [self.bound.run(batch)]
+                return self.bound.run_all(batch)
             outs = self.session.run(None, {self.input_name: batch})
         except Exception as exc:
             raise InferenceError(f"inference failed in ONNX Runtime on a batch of {len(batch)}: {exc}") from exc
