@@ -85,6 +85,8 @@ class AppContext:
         return self.inflight == 0
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    """The app's context for a route. A coroutine, not a plain function: FastAPI runs a plain dependency in
+    its thread pool, a thread hop per request that cost the event loop more than the route itself."""
     ctx: AppContext = request.app.state.ctx
     return ctx
