@@ -34,6 +34,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    listen_backlog: int = Field(
+        4096,
+        ge=1,
+        description="connections the kernel holds for the server to accept (capped by net.core.somaxconn): when a "
+        "burst of new connections overflows it, their first bytes are dropped and resent a second or more later",
+    )
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="port of the Open Inference Protocol over gRPC, on the same address (0: off)"
     )

@@ -70,3 +70,14 @@ def lower_thread_priority(niceness: int) -> None:
 
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the default priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (the app and the libraries it imported) out of the cyclic garbage
+    collector's reach, once the app is built: a full collection then walks only what serving allocates.
+    Measured under overload: full collections of the unfrozen heap paused the event loop for up to 86 ms
+    each, which every probe and refusal of the moment waited for."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

@@ -24,7 +24,7 @@ from .app import create_app
 from .config import Settings
 from .context import AppContext
 from .grpc.server import GrpcServer, address
-from .memory import configure_allocator
+from .memory import configure_allocator, freeze_startup_objects
 
 log = logging.getLogger("deepvit.server")
 
@@ -126,6 +126,7 @@ def run(settings: Settings) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        backlog=settings.listen_backlog,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(1, int(settings.grace_period_s)),
@@ -134,6 +135,7 @@ def run(settings: Settings) -> int:
     grpc = GrpcServer(app.state.ctx, app.version) if settings.grpc_port else None
     server = DrainingServer(config, app.state.ctx, settings.grace_period_s, grpc)
     holder.append(server)
+    freeze_startup_objects()  # the app and its libraries, out of the collector's full passes (service/memory.py)
     server.run()
     if server.exit_code == 0 and not server.started:
         return 1  # e.g. the port was taken; uvicorn logged why
