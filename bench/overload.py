@@ -3,7 +3,11 @@
 One real ``deepvit serve`` process. First its capacity: ``hey`` closed-loop at concurrency 8. Then load
 offered at ``factor`` times that rate for ``duration`` seconds, open-loop in effect: ``hey`` with a rate limit
 per worker and enough workers that a slow answer does not lower the offered rate (``workers x per-worker rate
-= offered``). Meanwhile a prober times ``/livez`` every 100 ms and the server's RSS is sampled every second.
+= offered``), spread over several ``hey`` processes of at most 500 workers each: one ``hey`` keeps at most 500
+idle connections to a host, so with more workers most of its requests would open a new TCP connection, and
+the run would measure connection churn on the loopback (listen-queue overflows answered by the kernel's
+one-second retransmission) rather than the server; a client behind a load balancer reuses connections.
+Meanwhile a prober times ``/livez`` every 100 ms and the server's RSS is sampled every second.
 ``hey`` runs at the lowest priority (``nice 19``), so that on the server's machine it takes only the CPU the
 server leaves. The report: goodput (answers per second, and against capacity), how refusals were answered (503
 with Retry-After, p99 latency), p99 of accepted requests, probe latency, RSS growth from second 10 to the end,
@@ -22,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +51,8 @@ class Overload:
     rss_end_mib: float
     after_ms: float
     deadline_s: float
+    workers: int
+    generators: int
 
     def render(self, title: str) -> str:
         total = sum(self.statuses.values())
@@ -56,7 +63,8 @@ class Overload:
             (
                 "offered",
                 f"{self.offered_rps:,.1f} req/s for {self.duration_s:g} s; sent {total / self.duration_s:,.1f} req/s "
-                f"({total:,} requests)",
+                f"({total:,} requests) by {self.workers:,} rate-limited workers in {self.generators} hey "
+                "processes, each connection kept alive",
             ),
             ("answers by status", share),
             ("goodput", f"{self.goodput_rps:,.1f} req/s = {self.goodput_rps / self.capacity_rps:.0%} of capacity"),
@@ -72,6 +80,10 @@ class Overload:
         return "\n".join([title, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
+# One hey keeps this many idle connections per host (its MaxIdleConnsPerHost); more workers churn connections.
+HEY_CONNECTIONS = 500
+
+
 def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
     hey = shutil.which("hey")
     if hey is None:
@@ -82,6 +94,23 @@ def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
     cmd = [*nice, hey, *args, "-m", "POST", "-T", "image/jpeg", "-D", str(photo), "-t", "30", "-o", "csv", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
     return list(csv.DictReader(io.StringIO(out)))
+
+
+def _generators(workers: int) -> tuple[int, int]:
+    """(hey processes, workers each): as few processes as keep every worker's connection alive."""
+    processes = -(-workers // HEY_CONNECTIONS)
+    return processes, -(-workers // processes)
+
+
+def _hey_open_loop(
+    processes: int, each: int, offered_rps: float, duration_s: float, url: str, photo: Path
+) -> list[dict[str, str]]:
+    """``offered_rps`` from ``processes`` hey processes of ``each`` rate-limited workers; their records."""
+    per_worker = offered_rps / (each * processes)
+    args = ["-z", f"{duration_s:g}s", "-c", str(each), "-q", f"{per_worker:.4f}"]
+    with ThreadPoolExecutor(processes) as pool:
+        runs = list(pool.map(lambda _: _hey(args, url, photo), range(processes)))
+    return [r for run in runs for r in run]
 
 
 def _rss_mib(pid: int) -> float:
@@ -123,8 +152,8 @@ def run_overload(
         ok = [r for r in closed if r["status-code"] == "200"]
         capacity = len(ok) / max(float(r["offset"]) + float(r["response-time"]) for r in ok)
         offered = factor * capacity
-        workers = max(64, int(offered * 2 * deadline_s))  # a worker waits at most ~2 deadlines
-        per_worker = offered / workers
+        # A worker waits at most ~2 deadlines; as many hey processes as keep every connection alive.
+        processes, each = _generators(max(64, int(offered * 2 * deadline_s)))
 
         probes: list[float] = []
         failures = 0
@@ -152,9 +181,7 @@ def run_overload(
         threads = [threading.Thread(target=probe, daemon=True), threading.Thread(target=sample_rss, daemon=True)]
         for t in threads:
             t.start()
-        records = _hey(
-            ["-z", f"{duration_s:g}s", "-c", str(workers), "-q", f"{per_worker:.4f}"], url + "/classify", photo
-        )
+        records = _hey_open_loop(processes, each, offered, duration_s, url + "/classify", photo)
         stop.set()
         for t in threads:
             t.join(5)
@@ -189,4 +216,6 @@ def run_overload(
         rss_end_mib=late[-1] if late else float("nan"),
         after_ms=after,
         deadline_s=deadline_s,
+        workers=processes * each,
+        generators=processes,
     )
