@@ -6,6 +6,15 @@ waiting at most ``max_delay_s`` after the first item. While a batch computes (of
 injected executor), the next one keeps collecting; it is dispatched as soon as a compute slot frees. Several
 ``predict`` functions (execution instances, as Triton's instance groups: one session each) share one queue,
 each a slot of its own, so that as many batches compute at once.
+
+Items submitted ``alone`` (the caller knows that nothing else is in its pipeline, decoding included) wait
+for no window, since nothing would join them; and an optional ``solo`` predict function (on a CPU: one
+session over every core, beside single-threaded instances) takes a batch of them that finds every instance
+idle and nothing queued behind it, holding every slot while it computes. At low load a request gets all the
+cores (the latency of a wide session); under load the instances keep the throughput of narrow ones. The
+batcher's own queue is no load signal: where decoding is the bottleneck it holds one item at a time however
+busy the server is.
+
 The queue is bounded (``QueueFullError`` at once when full). Every item carries a deadline on the
 monotonic clock: one that expires while queued fails with ``ExpiredError`` and is never
 computed. A failing batch fails its own items only, each with the exception ``predict`` raised (a wrong
@@ -74,6 +83,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     dispatched: bool = False
     expired: bool = False  # its deadline passed while it was queued
+    alone: bool = False  # submitted with nothing else in the caller's pipeline: the solo function may take it
 
 
 class Batcher(Generic[T, R]):
@@ -89,12 +99,15 @@ class Batcher(Generic[T, R]):
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
         thread_initializer: Callable[[], None] | None = None,
+        solo: Callable[[list[T]], Sequence[R]] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_delay_s >= 0")
         self._predicts = list(predict) if isinstance(predict, Sequence) else [predict]
         if not self._predicts:
             raise ValueError("at least one predict function is needed")
+        self._solo = solo
+        self.solo_batches = 0  # batches the solo function computed
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -168,11 +181,12 @@ class Batcher(Generic[T, R]):
                 self._observer.expired(self._clock() - entry.enqueued)
 
     # -- submitting -----------------------------------------------------------------------------
-    async def submit(self, item: T, deadline: float) -> R:
-        return (await self.submit_many([item], deadline))[0]
+    async def submit(self, item: T, deadline: float, alone: bool = False) -> R:
+        return (await self.submit_many([item], deadline, alone))[0]
 
-    async def submit_many(self, items: Sequence[T], deadline: float) -> list[R]:
-        """Queue all items or none; wait for their results (in order) until ``deadline``."""
+    async def submit_many(self, items: Sequence[T], deadline: float, alone: bool = False) -> list[R]:
+        """Queue all items or none; wait for their results (in order) until ``deadline``. ``alone``: nothing
+        else is in the caller's pipeline, so a solo function may compute them."""
         if self._closed:
             raise BatcherClosedError("not accepting requests: shutting down")
         if self._waiting + len(items) > self.max_queue_size:
@@ -181,7 +195,7 @@ class Batcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
-        entries = [_Entry[T, R](item, deadline, now, loop.create_future()) for item in items]
+        entries = [_Entry[T, R](item, deadline, now, loop.create_future(), alone=alone) for item in items]
         for e in entries:
             e.future.add_done_callback(functools.partial(self._on_done_cb, e))
         self._queue.extend(entries)
@@ -218,7 +232,9 @@ class Batcher(Generic[T, R]):
             while not self._live_head():
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            window_end = self._queue[0].enqueued + self.max_delay_s
+            head = self._queue[0]
+            # Submitted alone (nothing else in the caller's pipeline to join it): no window to wait out.
+            window_end = head.enqueued + (0.0 if head.alone else self.max_delay_s)
             while True:
                 live = self._count_live(self.max_batch_size)
                 full = live >= self.max_batch_size
@@ -238,12 +254,26 @@ class Batcher(Generic[T, R]):
                     w.cancel()
             batch = self._take_batch()
             if batch:
-                slot = self._free_slots.pop()
+                solo = self._solo if self._takes_solo(batch) else None
+                if solo is not None:
+                    slots, predict = list(self._free_slots), solo  # alone: every slot, every core
+                    self._free_slots.clear()
+                    self.solo_batches += 1
+                else:
+                    slots = [self._free_slots.pop()]
+                    predict = self._predicts[slots[0]]
                 if not self._free_slots:
                     self._slot_free.clear()
-                task = asyncio.create_task(self._compute(batch, slot))
+                task = asyncio.create_task(self._compute(batch, slots, predict))
                 self._computing.add(task)
                 task.add_done_callback(self._computing.discard)
+
+    def _takes_solo(self, batch: list[_Entry[T, R]]) -> bool:
+        """Whether the solo function computes this batch: items submitted alone, every instance idle, and
+        nothing queued behind them."""
+        if self._solo is None or len(self._free_slots) < len(self._predicts):
+            return False
+        return all(e.alone for e in batch) and not self._live_head()
 
     def _drop_dead_head(self) -> None:
         now = self._clock()
@@ -295,12 +325,14 @@ class Batcher(Generic[T, R]):
     def instances(self) -> int:
         return len(self._predicts)
 
-    async def _compute(self, batch: list[_Entry[T, R]], slot: int = 0) -> None:
+    async def _compute(
+        self, batch: list[_Entry[T, R]], slots: list[int], predict: Callable[[list[T]], Sequence[R]]
+    ) -> None:
         loop = asyncio.get_running_loop()
         started = self._clock()
         waits = [started - e.enqueued for e in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self._predicts[slot], [e.item for e in batch])
+            results = await loop.run_in_executor(self._executor, predict, [e.item for e in batch])
             if len(results) != len(batch):
                 raise BatchFailedError(
                     f"inference failed: predict returned {len(results)} results for {len(batch)} inputs"
@@ -317,6 +349,6 @@ class Batcher(Generic[T, R]):
         finally:
             compute_s = self._clock() - started
             self._observer.batch_done(len(batch), waits, compute_s)
-            self._free_slots.append(slot)
+            self._free_slots.extend(slots)
             self._slot_free.set()
             self._wakeup.set()

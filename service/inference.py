@@ -247,7 +247,9 @@ class Call:
         p = self.pipeline
         with p.models.lease_for(self.model, self._name, self._version) as mv:
             try:
-                preds = await mv.batcher.submit_many(list(pixels), self.deadline)
+                # Alone: no other request admitted (decoding or queued), the low load a solo session is for.
+                alone = p.admission.pending <= self.reserved
+                preds = await mv.batcher.submit_many(list(pixels), self.deadline, alone)
             except QueueFullError as exc:
                 raise UnavailableError(f"{exc}; retry shortly", reason="queue_full", retry_after_s=1) from None
             except ExpiredError as exc:

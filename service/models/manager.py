@@ -67,6 +67,7 @@ class ModelVersion:
     batch_size_chosen_by: Literal["setting", "measurement"] = "setting"
     instances_chosen_by: Literal["setting", "measurement"] = "setting"
     runtimes: list[ModelRuntime] = field(default_factory=list)  # the execution instances (runtime is the first)
+    solo: ModelRuntime | None = None  # one session over every core, for a lone batch at low load
     inflight: int = field(default=0)  # requests holding a lease: unloading waits for them
     signature: Signature | None = None  # of the file this session was built from
     observer: BatchMetrics | None = None  # its batcher's metrics
@@ -160,10 +161,11 @@ class ModelManager:
         threads = s.intra_op_threads
         if s.instances > 1 and not threads:  # the operator's instances share the cores
             threads = max(1, _cores() // s.instances)
-        runtime = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
+        runtime = wide = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
         max_batch = s.max_batch_size
         count = max(1, s.instances)
         runtimes = [runtime]
+        solo: ModelRuntime | None = None
         warm: Warmup | None = None
         batch_chosen_by: Literal["setting", "measurement"] = "setting"
         instances_chosen_by: Literal["setting", "measurement"] = "setting"
@@ -174,10 +176,16 @@ class ModelManager:
                 batch_chosen_by = "measurement"
             if not s.instances:
                 instances_chosen_by = "measurement"
-                count, single = self._measure_instances(name, version, path, runtime, warm, max_batch)
+                count, single = self._measure_instances(name, version, path, runtime, warm)
                 if single is not None:  # one single-threaded session per core, this one the first
-                    runtimes = [single]
+                    runtime, warm = single
+                    runtimes = [runtime]
                     threads = 1
+                    if batch_chosen_by == "measurement":  # the instances' own most efficient batch
+                        max_batch = warm.best_batch_size(budget_s=s.request_timeout_s / 8)
+                    # The session over every core stays, for a batch that finds every instance idle and
+                    # nothing behind it: at low load one request gets the latency of all the cores.
+                    solo = wide
         while len(runtimes) < count:
             extra = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
             if s.warmup:
@@ -193,6 +201,7 @@ class ModelManager:
             observer=observer,
             name=f"{name}-{version}",
             thread_initializer=functools.partial(lower_thread_priority, s.worker_niceness),  # service/memory.py
+            solo=solo.predict if solo is not None else None,
         )
         mv = ModelVersion(
             name,
@@ -205,15 +214,17 @@ class ModelManager:
             batch_size_chosen_by=batch_chosen_by,
             instances_chosen_by=instances_chosen_by,
             runtimes=runtimes,
+            solo=solo,
             observer=observer,
         )
         if warm is not None:
             table = ", ".join(f"{n}: {1000 * t / n:.2f}" for n, t in sorted(warm.batch_s.items()))
             log.info(
-                "%s version %d: %d instance(s), batches of at most %d images (%s); ms per image by batch size: %s",
+                "%s version %d: %d instance(s)%s, batches of at most %d images (%s); ms per image by batch size: %s",
                 name,
                 version,
                 len(runtimes),
+                f" and one session over all {_cores()} cores for a lone batch" if solo is not None else "",
                 max_batch,
                 "the most efficient size measured" if batch_chosen_by == "measurement" else "as set",
                 table,
@@ -230,21 +241,26 @@ class ModelManager:
             raise
 
     def _measure_instances(
-        self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup, batch: int
-    ) -> tuple[int, ModelRuntime | None]:
+        self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup
+    ) -> tuple[int, tuple[ModelRuntime, Warmup] | None]:
         """On a CPU of several cores: one session using them all, or one single-threaded session per core?
         The second wins when attention's small matrices scale badly over threads (measured 23 ms of CPU per
-        image with 2 threads against 11.6 ms with one). Time a single-threaded session at the batch chosen and
-        take one instance per core when that is at least 15% more images per second; returns the count and,
-        when it is more than one, the single-threaded session measured."""
+        image with 2 threads against 11.6 ms with one). Warm a single-threaded session and take one instance
+        per core when, each at its most efficient batch, that gives at least as many images per second: the
+        warm-up measures
+        each session alone, and serving favours the narrow ones further (a decode thread that preempts one of
+        a wide session's threads stalls the others; measured on 2 cores at 224 px, 69 against 60 img/s where
+        the warm-up had them within 15%). The wide session is not lost for it: it becomes the solo session,
+        which a request alone in the pipeline gets (service/batcher.py). Returns the count and, when it is
+        more than one, the single-threaded session with its warm-up."""
         cores = _cores()
         if runtime.provider != "CPUExecutionProvider" or cores < 2 or self.settings.intra_op_threads:
             return 1, None
         single = self._runtime_factory(path, self.settings.model_copy(update={"intra_op_threads": 1}))
-        t_single = self._warm(name, version, single).batch_s[batch] / batch
-        t_all = warm.batch_s[batch] / batch
-        if cores / t_single >= 1.15 / t_all:
-            return cores, single
+        single_warm = self._warm(name, version, single)
+        budget = self.settings.request_timeout_s / 8
+        if cores / single_warm.best_time_per_image(budget) >= 1 / warm.best_time_per_image(budget):
+            return cores, (single, single_warm)
         return 1, None
 
     async def load_version(self, name: str, version: int, path: Path) -> ModelVersion:

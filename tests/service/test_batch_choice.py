@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from serving import metric_samples
 
 from deepvit.service.config import Settings
 from deepvit.service.metrics import Metrics
 from deepvit.service.models.manager import ModelManager
-from deepvit.service.runtime import Warmup
+from deepvit.service.runtime import ModelRuntime, Warmup
 
 
 def test_the_most_efficient_batch_within_the_budget_wins() -> None:
@@ -108,3 +109,84 @@ def test_the_operator_sets_the_instance_count(exported_tiny_patch: Path, tmp_pat
             await manager.close()
 
     assert asyncio.run(load()) == (2, 2, "setting")
+
+
+def test_a_lone_batch_runs_on_the_solo_session_holding_every_instance() -> None:
+    """At low load a batch that finds every instance idle and nothing behind it runs on the session over all
+    the cores; under load the instances take the batches, and the solo session never computes beside them."""
+    from deepvit.service.batcher import Batcher
+
+    running: set[str] = set()
+    beside_solo: list[set[str]] = []
+    lock = threading.Lock()
+
+    def session(name: str) -> Callable[[list[int]], list[tuple[str, int]]]:
+        def predict(items: list[int]) -> list[tuple[str, int]]:
+            with lock:
+                if "solo" in running or (name == "solo" and running):
+                    beside_solo.append({name, *running})
+                running.add(name)
+            time.sleep(0.05)
+            with lock:
+                running.discard(name)
+            return [(name, i) for i in items]
+
+        return predict
+
+    async def run() -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
+        b: Batcher[int, tuple[str, int]] = Batcher(
+            [session("instance-0"), session("instance-1")],
+            max_batch_size=2,
+            max_delay_s=0,
+            max_queue_size=16,
+            solo=session("solo"),
+        )
+        b.start()
+        try:
+            lone = [await b.submit(-1, time.monotonic() + 10, alone=True)]
+            burst = await asyncio.gather(*(b.submit(i, time.monotonic() + 10, alone=True) for i in range(6)))
+            # Not alone (the caller's pipeline holds other requests): the instances, though nothing is queued.
+            busy = [await b.submit(-2, time.monotonic() + 10)]
+            return lone + busy, list(burst), b.solo_batches
+        finally:
+            await b.close()
+
+    lone, burst, solo_batches = asyncio.run(run())
+    assert lone[0] == ("solo", -1)
+    assert lone[1][0].startswith("instance")
+    assert sorted(i for _, i in burst) == list(range(6))
+    assert {name for name, _ in burst[:4]} == {"instance-0", "instance-1"}  # under load: the instances
+    assert solo_batches == 1 + sum(name == "solo" for name, _ in burst) // 2
+    assert beside_solo == []
+
+
+def test_measured_single_threaded_instances_keep_the_wide_session_for_lone_batches(
+    exported_tiny_patch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one single-threaded session per core wins the measurement, the session over every core that lost
+    it is kept as the solo session: a lone request runs on it."""
+    path = tmp_path / "tiny" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    shutil.copy(exported_tiny_patch, path)
+    settings = Settings(model_repository=tmp_path, providers=["cpu"], warmup=True)
+    manager = ModelManager(settings, Metrics())
+
+    def single_wins(name: str, version: int, path: Path, *_: object) -> tuple[int, tuple[ModelRuntime, Warmup]]:
+        single = manager._runtime_factory(path, settings.model_copy(update={"intra_op_threads": 1}))
+        return 2, (single, Warmup(0.1, {1: 0.004, 2: 0.006, 4: 0.02}))  # batches of 2: the most efficient
+
+    monkeypatch.setattr(manager, "_measure_instances", single_wins)
+
+    async def load() -> tuple[int, bool, int, int, list[int]]:
+        mv = await manager.load_version("tiny", 1, path)
+        try:
+            crop = mv.runtime.meta.preprocess.crop_size
+            await mv.batcher.submit(np.zeros((crop, crop, 3), np.uint8), time.monotonic() + 10, alone=True)
+            solo_apart = mv.solo is not None and all(mv.solo is not rt for rt in mv.runtimes)
+            threads = [rt.session.get_session_options().intra_op_num_threads for rt in mv.runtimes]
+            return mv.batcher.instances, solo_apart, mv.batcher.solo_batches, mv.batcher.max_batch_size, threads
+        finally:
+            await manager.close()
+
+    # The batch size is the instances' own most efficient (2), not the wide session's.
+    assert asyncio.run(load()) == (2, True, 1, 2, [1, 1])

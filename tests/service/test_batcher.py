@@ -283,3 +283,14 @@ async def test_a_failed_multi_item_request_leaves_no_unretrieved_exceptions(capl
     await asyncio.sleep(0.01)
     assert "never retrieved" not in caplog.text
     await b.close()
+
+
+async def test_an_item_submitted_alone_waits_for_no_window() -> None:
+    """Nothing else is in the caller's pipeline, so nothing would join it: it is computed at once."""
+    model = FakeModel()
+    b = make(model, max_delay_s=5.0)
+    b.start()
+    t0 = time.monotonic()
+    assert await b.submit("a", deadline(), alone=True) == ("out", "a")
+    assert time.monotonic() - t0 < 2.5  # not the 5 s window
+    await b.close()
