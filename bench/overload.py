@@ -1,17 +1,15 @@
 """``deepvit bench --overload``: the day the traffic is three times what the server can take.
 
 One real ``deepvit serve`` process. First its capacity: ``hey`` closed-loop at concurrency 8. Then load
-offered at ``factor`` times that rate for ``duration`` seconds, open-loop in effect: ``hey`` with a rate limit
-per worker and enough workers that a slow answer does not lower the offered rate (``workers x per-worker rate
-= offered``), spread over several ``hey`` processes of at most 500 workers each: one ``hey`` keeps at most 500
-idle connections to a host, so with more workers most of its requests would open a new TCP connection, and
-the run would measure connection churn on the loopback (listen-queue overflows answered by the kernel's
-one-second retransmission) rather than the server; a client behind a load balancer reuses connections.
-Meanwhile a prober times ``/livez`` every 100 ms and the server's RSS is sampled every second.
-``hey`` runs at the lowest priority (``nice 19``), so that on the server's machine it takes only the CPU the
-server leaves. The report: goodput (answers per second, and against capacity), how refusals were answered (503
-with Retry-After, p99 latency), p99 of accepted requests, probe latency, RSS growth from second 10 to the end,
-and the latency of one request right after the load.
+offered at ``factor`` times that rate for ``duration`` seconds, open loop: :mod:`.openloop` (in a process of
+its own) sends each request at its arrival time in a Poisson process of that rate over kept-alive
+connections, whatever the server answers. (``hey -q`` is no open-loop generator at this scale: its workers
+tick together, so that it offers bursts of every worker at once with the machine idle in between, and what
+it measured was the bursts.) Meanwhile a prober times ``/livez`` every 100 ms and the server's RSS is sampled
+every second. The report: goodput (answers per second, and against capacity), how refusals were answered
+(503, with ``Retry-After`` or not, p99 latency), p99 of accepted requests, probe latency, RSS growth from
+second 10 to the end, the latency of one request right after the load, and how closely the generator kept to
+its schedule (its lag, and requests it could not send or that failed without an answer).
 """
 
 from __future__ import annotations
@@ -23,15 +21,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .openloop import Record, read_csv
 from .run import _free_port, _stop, _wait_ready
 
 
@@ -51,8 +50,9 @@ class Overload:
     rss_end_mib: float
     after_ms: float
     deadline_s: float
-    workers: int
-    generators: int
+    refused_with_retry_after: int
+    generator_lag_p99_ms: float
+    failed: collections.Counter[str]  # requests without an answer, by why
 
     def render(self, title: str) -> str:
         total = sum(self.statuses.values())
@@ -61,15 +61,22 @@ class Overload:
         rows = [
             ("capacity (closed loop, c=8)", f"{self.capacity_rps:,.1f} req/s"),
             (
-                "offered",
-                f"{self.offered_rps:,.1f} req/s for {self.duration_s:g} s; sent {total / self.duration_s:,.1f} req/s "
-                f"({total:,} requests) by {self.workers:,} rate-limited workers in {self.generators} hey "
-                "processes, each connection kept alive",
+                "offered (open loop, Poisson arrivals)",
+                f"{self.offered_rps:,.1f} req/s for {self.duration_s:g} s: {total:,} requests, sent p99 "
+                f"{self.generator_lag_p99_ms:,.1f} ms after their arrival time",
             ),
             ("answers by status", share),
+            (
+                "without an answer",
+                ", ".join(f"{n:,} {why}" for why, n in self.failed.most_common()) or "none",
+            ),
             ("goodput", f"{self.goodput_rps:,.1f} req/s = {self.goodput_rps / self.capacity_rps:.0%} of capacity"),
             ("p99 of accepted requests", f"{self.accepted_p99_ms:,.0f} ms (deadline {self.deadline_s:g} s)"),
-            ("p99 of refusals (503)", f"{self.refused_p99_ms:,.1f} ms"),
+            (
+                "p99 of refusals (503)",
+                f"{self.refused_p99_ms:,.1f} ms; {self.refused_with_retry_after:,} of "
+                f"{self.statuses.get('503', 0):,} with Retry-After",
+            ),
             (
                 "/livez p99 / max",
                 f"{self.probe_p99_ms:,.1f} / {self.probe_max_ms:,.1f} ms, {self.probe_failures} failed",
@@ -78,10 +85,6 @@ class Overload:
             ("one request after the load", f"{self.after_ms:,.1f} ms"),
         ]
         return "\n".join([title, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-
-
-# One hey keeps this many idle connections per host (its MaxIdleConnsPerHost); more workers churn connections.
-HEY_CONNECTIONS = 500
 
 
 def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
@@ -96,21 +99,24 @@ def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(out)))
 
 
-def _generators(workers: int) -> tuple[int, int]:
-    """(hey processes, workers each): as few processes as keep every worker's connection alive."""
-    processes = -(-workers // HEY_CONNECTIONS)
-    return processes, -(-workers // processes)
-
-
-def _hey_open_loop(
-    processes: int, each: int, offered_rps: float, duration_s: float, url: str, photo: Path
-) -> list[dict[str, str]]:
-    """``offered_rps`` from ``processes`` hey processes of ``each`` rate-limited workers; their records."""
-    per_worker = offered_rps / (each * processes)
-    args = ["-z", f"{duration_s:g}s", "-c", str(each), "-q", f"{per_worker:.4f}"]
-    with ThreadPoolExecutor(processes) as pool:
-        runs = list(pool.map(lambda _: _hey(args, url, photo), range(processes)))
-    return [r for run in runs for r in run]
+def _open_loop(url: str, rate: float, duration_s: float, photo: Path) -> list[Record]:
+    """:mod:`.openloop` in a process of its own (so that the prober's timings here do not share its
+    interpreter), at normal priority: it must keep to its schedule, and it costs little."""
+    with tempfile.TemporaryDirectory(prefix="deepvit-openloop-") as tmp:
+        out = Path(tmp) / "records.csv"
+        cmd = [sys.executable, "-m", "deepvit.bench.openloop", url, "--rate", f"{rate:.3f}"]
+        cmd += [
+            "--duration",
+            f"{duration_s:g}",
+            "--body",
+            str(photo),
+            "--content-type",
+            "image/jpeg",
+            "--out",
+            str(out),
+        ]
+        subprocess.run(cmd, check=True, timeout=duration_s + 120)
+        return read_csv(out)
 
 
 def _rss_mib(pid: int) -> float:
@@ -152,8 +158,6 @@ def run_overload(
         ok = [r for r in closed if r["status-code"] == "200"]
         capacity = len(ok) / max(float(r["offset"]) + float(r["response-time"]) for r in ok)
         offered = factor * capacity
-        # A worker waits at most ~2 deadlines; as many hey processes as keep every connection alive.
-        processes, each = _generators(max(64, int(offered * 2 * deadline_s)))
 
         probes: list[float] = []
         failures = 0
@@ -181,7 +185,7 @@ def run_overload(
         threads = [threading.Thread(target=probe, daemon=True), threading.Thread(target=sample_rss, daemon=True)]
         for t in threads:
             t.start()
-        records = _hey_open_loop(processes, each, offered, duration_s, url + "/classify", photo)
+        records = _open_loop(url + "/classify", offered, duration_s, photo)
         stop.set()
         for t in threads:
             t.join(5)
@@ -197,9 +201,12 @@ def run_overload(
         after = (time.perf_counter() - t0) * 1000
     finally:
         _stop(proc)
-    statuses = collections.Counter(r["status-code"] for r in records)
-    accepted = [float(r["response-time"]) for r in records if r["status-code"] == "200"]
-    refused = [float(r["response-time"]) for r in records if r["status-code"] == "503"]
+    answered = [r for r in records if r.status > 0]
+    statuses = collections.Counter(str(r.status) for r in answered)
+    accepted = [r.latency for r in answered if r.status == 200]
+    refused = [r for r in answered if r.status == 503]
+    failed = collections.Counter("not sent: every connection busy" if r.status < 0 else r.error for r in records)
+    del failed[""]
     late = [v for t, v in rss if t >= 10] or [v for _, v in rss]
     return Overload(
         capacity_rps=capacity,
@@ -208,7 +215,7 @@ def run_overload(
         statuses=statuses,
         goodput_rps=len(accepted) / duration_s,
         accepted_p99_ms=_p99(accepted),
-        refused_p99_ms=_p99(refused),
+        refused_p99_ms=_p99([r.latency for r in refused]),
         probe_p99_ms=_p99(probes),
         probe_max_ms=max(probes) * 1000 if probes else float("nan"),
         probe_failures=failures,
@@ -216,6 +223,7 @@ def run_overload(
         rss_end_mib=late[-1] if late else float("nan"),
         after_ms=after,
         deadline_s=deadline_s,
-        workers=processes * each,
-        generators=processes,
+        refused_with_retry_after=sum(r.retry_after for r in refused),
+        generator_lag_p99_ms=_p99([r.lag for r in records if r.status >= 0]),
+        failed=failed,
     )

@@ -63,5 +63,7 @@ def test_the_overload_run_reports_goodput_refusals_probes_and_memory(tmp_path: P
     table = (out / "tiny-overload.md").read_text()
     for row in ("| capacity (closed loop, c=8) |", "| goodput |", "| p99 of refusals (503) |", "| /livez p99 / max |"):
         assert row in table
+    assert "| offered (open loop, Poisson arrivals) |" in table
+    assert "| without an answer | none |" in table  # every request the generator sent got an answer
     assert "| RSS, second 10 → end |" in table
     assert "200: " in table  # some requests were answered
