@@ -252,6 +252,25 @@ def render(rows: list[Row], header: str) -> str:
     return "\n".join(lines)
 
 
+def _overhead_at_c1(rows: list[Row], decode_ms: float) -> str:
+    """The service's cost over the work itself, at concurrency 1: its p50 less raw ONNX Runtime's at batch 1
+    (default threads) and one decode; the naive baseline's beside it. Empty where either was not measured."""
+
+    def p50(layer: str, setting: str) -> float | None:
+        return next((r.p50_ms for r in rows if r.layer == layer and r.setting == setting), None)
+
+    raw, ours = p50("onnxruntime", "batch 1"), p50("HTTP service", "hey, concurrency 1")
+    if raw is None or ours is None:
+        return ""
+    work = raw + decode_ms
+    naive = p50("naive baseline", "hey, concurrency 1")
+    beside = f"; the naive baseline's {naive - work:+.1f} ms" if naive is not None else ""
+    return (
+        f"\n\nconcurrency 1: HTTP p50 {ours:.1f} ms = raw ONNX Runtime at batch 1 ({raw:.1f} ms) + one decode "
+        f"({decode_ms:.1f} ms) {ours - work:+.1f} ms{beside}"
+    )
+
+
 def run_bench(
     repository: Path,
     model: str | None,
@@ -294,6 +313,7 @@ def run_bench(
     naive = [r.images_per_s for r in rows if r.layer == "naive baseline"]
     over_naive = ", ".join(f"{k.split()[-1]}: {v / b:.2f}x" for (k, v), b in zip(http.items(), naive, strict=True))
     of_limit = ", ".join(f"{k.split()[-1]}: {v / limit.images_per_s:.2f}" for k, v in http.items())
+    header_overhead = _overhead_at_c1(rows, limit.decode_ms)
     header = (
         f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
@@ -302,6 +322,7 @@ def run_bench(
         f"gRPC throughput / HTTP throughput, by concurrency: {versus}\n\n"
         f"HTTP throughput / naive baseline's (one ONNX Runtime call per request), by concurrency: {over_naive}\n\n"
         f"{limit.describe()}; HTTP throughput / machine limit, by concurrency: {of_limit}"
+        f"{header_overhead}"
     )
     table = render(rows, header)
     if output is not None:
