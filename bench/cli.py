@@ -39,12 +39,20 @@ def register(sub: Any) -> None:
         help="instead: time one model exported without and with --explain (see bench/attention_cost.py)",
     )
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (--attention-cost)")
+    p.add_argument(
+        "--decode-memory",
+        action="store_true",
+        help="instead: RSS under images whose headers lie about their size (see bench/decode_memory.py)",
+    )
+    p.add_argument("--requests", type=int, default=3000, help="lying images sent (--decode-memory)")
     p.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.overload:
         return _overload(args)
+    if args.decode_memory:
+        return _decode_memory(args)
     if args.attention_cost:
         return _attention_cost(args)
     if args.compare:
@@ -79,35 +87,57 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overload(args: argparse.Namespace) -> int:
-    import datetime as dt
-    import os
-    import platform
-
+def _served_model_and_photo(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model a run serves (``--model``, or the repository's first) and the photograph it sends."""
     from deepvit.service.models.disk import scan_repository
-
-    from .overload import run_overload
 
     found = scan_repository(args.model_repository)
     if not found:
         raise SystemExit(f"deepvit bench: no model in {args.model_repository}")
-    name = args.model or sorted(found)[0]
-    photo = sorted(args.photos.glob("*.jpg"))[0]
+    return args.model or sorted(found)[0], sorted(args.photos.glob("*.jpg"))[0]
+
+
+def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, table: str) -> int:
+    """Print a run's table under its title, and write it to ``--output``/``file_name``."""
+    import datetime as dt
+    import os
+    import platform
+
+    stamp = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs"
+    text = title.replace("{stamp}", stamp) + "\n" + table
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / file_name).write_text(f"<!-- written by deepvit bench --{kind} -->\n{text}\n")
+    print(text)
+    return 0
+
+
+def _overload(args: argparse.Namespace) -> int:
+    from .overload import run_overload
+
+    name, photo = _served_model_and_photo(args)
     result = run_overload(
         args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
     )
     title = (
         f"### {name}: {args.factor:g}x capacity for {args.overload_seconds:g} s, open loop\n\n"
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs · photo "
-        f"{photo.name} ({photo.stat().st_size / 1024:.0f} KB) · DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, "
-        "DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the same machine"
+        f"{{stamp}} · photo {photo.name} ({photo.stat().st_size / 1024:.0f} KB) · "
+        f"DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the "
+        "same machine\n"
     )
-    table = result.render(title)
-    if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / f"{name}-overload.md").write_text(f"<!-- written by deepvit bench --overload -->\n{table}\n")
-    print(table)
-    return 0
+    return _publish(args, "overload", f"{name}-overload.md", title, result.render())
+
+
+def _decode_memory(args: argparse.Namespace) -> int:
+    from .decode_memory import run_decode_memory
+
+    name, photo = _served_model_and_photo(args)
+    result = run_decode_memory(args.model_repository, name, photo, args.requests)
+    title = (
+        f"### {name}: images whose headers lie about their size\n\n"
+        f"{{stamp}} · made from {photo.name}, the server's default settings\n"
+    )
+    return _publish(args, "decode-memory", f"{name}-decode-memory.md", title, result.render())
 
 
 def _attention_cost(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ class Overload:
     generator_lag_p99_ms: float
     failed: collections.Counter[str]  # requests without an answer, by why
 
-    def render(self, title: str) -> str:
+    def render(self) -> str:
         total = sum(self.statuses.values())
         share = ", ".join(f"{code}: {n / total:.1%}" for code, n in sorted(self.statuses.items()))
         growth = (self.rss_end_mib - self.rss_start_mib) / self.rss_start_mib if self.rss_start_mib else 0.0
@@ -84,7 +84,7 @@ class Overload:
             ("RSS, second 10 → end", f"{self.rss_start_mib:,.0f} → {self.rss_end_mib:,.0f} MiB ({growth:+.1%})"),
             ("one request after the load", f"{self.after_ms:,.1f} ms"),
         ]
-        return "\n".join([title, "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+        return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
 def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:

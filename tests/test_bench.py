@@ -68,3 +68,31 @@ def test_the_overload_run_reports_goodput_refusals_probes_and_memory(tmp_path: P
     assert "| without an answer | none |" in table  # every request the generator sent got an answer
     assert "| RSS, second 10 → end |" in table
     assert "200: " in table  # some requests were answered
+
+
+def test_the_decode_memory_run_sends_lying_images_and_reports_rss(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from deepvit.bench.decode_memory import claim_size, lying_images
+
+    photo = (DATA / "photos" / "astronaut.jpg").read_bytes()
+    jpeg = next(body for content_type, body in lying_images(photo, 2, 6000, seed=1) if content_type == "image/jpeg")
+    sides = Image.open(io.BytesIO(jpeg)).size  # what the header claims; the data is 128 px a side
+    assert min(sides) >= 1500
+    assert max(sides) <= 6000
+    with pytest.raises(ValueError, match="neither"):
+        claim_size(b"GIF89a", 10, 10)
+
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--decode-memory", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--requests", "40"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny-decode-memory.md").read_text()
+    assert "| lying images sent | 40 " in table
+    assert "| RSS after (ordinary photographs again) |" in table
+    assert "500" not in table.split("answers by status")[1].splitlines()[0]  # bad input is never a 500
