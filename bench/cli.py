@@ -45,6 +45,11 @@ def register(sub: Any) -> None:
         help="instead: RSS under images whose headers lie about their size (see bench/decode_memory.py)",
     )
     p.add_argument("--requests", type=int, default=3000, help="lying images sent (--decode-memory)")
+    p.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="instead: DEEPVIT_JPEG_DRAFT's decoding time and fidelity on each photograph (see bench/jpeg_draft.py)",
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -53,6 +58,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _overload(args)
     if args.decode_memory:
         return _decode_memory(args)
+    if args.jpeg_draft:
+        return _jpeg_draft(args)
     if args.attention_cost:
         return _attention_cost(args)
     if args.compare:
@@ -138,6 +145,22 @@ def _decode_memory(args: argparse.Namespace) -> int:
         f"{{stamp}} · made from {photo.name}, the server's default settings\n"
     )
     return _publish(args, "decode-memory", f"{name}-decode-memory.md", title, result.render())
+
+
+def _jpeg_draft(args: argparse.Namespace) -> int:
+    from deepvit.service.models.disk import scan_repository
+
+    from .jpeg_draft import measure, render
+
+    name, _ = _served_model_and_photo(args)
+    found = scan_repository(args.model_repository)[name]
+    photos = sorted(args.photos.glob("*.jpg"))
+    rows = measure(found[max(found)], photos)
+    title = (
+        f"### {name}: JPEG decoding at reduced scale (DEEPVIT_JPEG_DRAFT) against the reference transform\n\n"
+        "{stamp} · CPU time per image, one thread, median of 7\n"
+    )
+    return _publish(args, "jpeg-draft", f"{name}-jpeg-draft.md", title, render(rows))
 
 
 def _attention_cost(args: argparse.Namespace) -> int:

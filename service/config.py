@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="most images in one multipart request")
     decode_threads: int = Field(0, ge=0, description="threads for image decoding (0: CPU count)")
+    jpeg_draft: bool = Field(
+        False,
+        description="decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, never below the resize's "
+        "size): far cheaper decoding of large photographs, pixels slightly off the reference transform",
+    )
     worker_niceness: int = Field(
         0, ge=0, le=19, description="nice value of the decode and inference threads (above 0: the event loop first)"
     )

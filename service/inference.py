@@ -216,7 +216,8 @@ class Call:
                 self.check_deadline("its image was decoded")  # waited too long for a decode thread
                 t0 = time.perf_counter()
                 try:
-                    out = preprocess(data, spec, p.limits, budget, p.decode_memory, self.deadline - time.monotonic())
+                    wait_s = self.deadline - time.monotonic()
+                    out = preprocess(data, spec, p.limits, budget, p.decode_memory, wait_s, p.settings.jpeg_draft)
                 except DecodeBusyError as exc:
                     raise DeadlineExceededError(f"{exc.message}; the server is overloaded") from None
                 except ImageTooLargeError as exc:

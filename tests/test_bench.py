@@ -96,3 +96,16 @@ def test_the_decode_memory_run_sends_lying_images_and_reports_rss(tmp_path: Path
     assert "| lying images sent | 40 " in table
     assert "| RSS after (ordinary photographs again) |" in table
     assert "500" not in table.split("answers by status")[1].splitlines()[0]  # bad input is never a 500
+
+
+def test_the_jpeg_draft_run_compares_time_and_pixels_with_the_reference(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--jpeg-draft", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny-jpeg-draft.md").read_text()
+    assert "| astronaut at 12 MP | 4032x3024 |" in table
+    assert "| mean abs diff |" in table

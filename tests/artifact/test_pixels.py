@@ -239,3 +239,36 @@ def test_malformed_files_are_bad_requests_whatever_pillow_raises(make: object) -
     assert callable(make)
     with pytest.raises(ImageError, match="could not be decoded"):
         decode(make(), LIMITS)
+
+
+# -- DEEPVIT_JPEG_DRAFT: decoding at a reduced scale, an opt-in -----------------------------------------
+def test_a_drafted_jpeg_decodes_smaller_and_stays_close_to_the_reference() -> None:
+    from deepvit.artifact.pixels import DecodeMemory
+
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((2016, 1512), Image.Resampling.LANCZOS)
+    data = encode(photo, "JPEG", quality=92)
+    held: list[int] = []
+    memory = DecodeMemory(limit_bytes=1 << 30)
+    hold = memory.hold
+
+    def recording_hold(pixels: int, wait_s: float):  # type: ignore[no-untyped-def]
+        held.append(pixels)
+        return hold(pixels, wait_s)
+
+    memory.hold = recording_hold  # type: ignore[method-assign]
+    exact = preprocess(data, SPEC, LIMITS, memory=memory)
+    drafted = preprocess(data, SPEC, LIMITS, memory=memory, draft=True)
+    assert drafted.shape == exact.shape == (224, 224, 3)
+    # libjpeg decoded at 1/4 (504 x 378: the smallest scale whose shorter side is still >= 248)
+    assert held == [2016 * 1512, 504 * 378]
+    diff = np.abs(exact.astype(np.int16) - drafted.astype(np.int16))
+    assert diff.mean() < 2.0  # out of 255: close, not equal (bench/jpeg_draft.py measures it per photo)
+    assert np.array_equal(exact, reference(decode(data, LIMITS)))  # the default is still the reference
+
+
+def test_draft_leaves_other_formats_and_small_jpegs_as_the_reference_decodes_them() -> None:
+    photo = Image.open(PHOTOS[0]).convert("RGB")
+    png = encode(photo, "PNG")
+    assert np.array_equal(preprocess(png, SPEC, LIMITS, draft=True), preprocess(png, SPEC, LIMITS))
+    small = encode(photo.resize((300, 300)), "JPEG", quality=90)  # no scale keeps 248: decoded whole
+    assert np.array_equal(preprocess(small, SPEC, LIMITS, draft=True), preprocess(small, SPEC, LIMITS))
