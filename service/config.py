@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     max_pending_images: int = Field(
         512, ge=1, description="most images admitted and not yet answered, decoding included (then 503)"
     )
+    header_timeout_s: float = Field(
+        20.0, gt=0, description="longest a request's head (request line and headers) may take to arrive (then 408)"
+    )
     body_timeout_s: float = Field(
         30.0, gt=0, description="longest a request body may take to arrive (then 408): slow clients are cut off"
     )

@@ -24,6 +24,7 @@ REJECTION_REASONS = (
     "not_ready",
     "unloading",
     "body_too_large",
+    "header_timeout",
     "body_timeout",
 )
 

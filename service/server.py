@@ -25,6 +25,7 @@ from .config import Settings
 from .context import AppContext
 from .grpc.server import GrpcServer, address
 from .memory import configure_allocator, freeze_startup_objects
+from .protocol import head_timeout_protocol
 
 log = logging.getLogger("deepvit.server")
 
@@ -122,8 +123,10 @@ def run(settings: Settings) -> int:
     configure_allocator()  # decode buffers go back to the system when freed (service/memory.py)
     holder: list[DrainingServer] = []
     app = create_app(settings, on_fatal=lambda msg: holder[0].fatal(msg))
+    rejected = app.state.ctx.metrics.rejected
     config = uvicorn.Config(
         app,
+        http=head_timeout_protocol(settings.header_timeout_s, lambda: rejected.labels("header_timeout").inc()),
         host=settings.host,
         port=settings.port,
         backlog=settings.listen_backlog,

@@ -237,3 +237,51 @@ def test_a_client_trickling_its_body_is_cut_off_and_not_counted_in_flight(tmp_pa
         assert rejected['{reason="body_timeout"}'] == 1
         r = httpx.post(server.url + "/classify", content=grey_png(), headers={"content-type": "image/png"})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.integration
+def test_a_client_trickling_its_head_or_sending_nothing_is_cut_off(tmp_path: Path) -> None:
+    """Slowloris: a request line and headers trickling in one byte at a time, and a connection that sends
+    nothing at all, are answered 408 and closed after DEEPVIT_HEADER_TIMEOUT_S; neither counts in flight."""
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    with running_server(repo, tmp_path / "server.log", {"DEEPVIT_HEADER_TIMEOUT_S": "1.5"}) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        trickling = socket.create_connection((host, int(port)), timeout=10)
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+        started = time.monotonic()
+        in_flight = []
+        answer = b""
+        trickling.settimeout(0.3)
+        for byte in head:
+            try:
+                trickling.sendall(bytes([byte]))  # one byte every 0.3 s
+            except OSError:
+                break
+            in_flight.append(metric_samples(httpx.get(server.url + "/metrics").text, "deepvit_inflight_requests")[""])
+            try:
+                answer += trickling.recv(65536)
+            except TimeoutError:
+                continue
+            if b"\r\n\r\n" in answer or time.monotonic() - started > 8:
+                break
+        elapsed = time.monotonic() - started
+        trickling.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"connection: close" in answer.lower()
+        assert b"head did not arrive within 1.5s" in answer
+        assert 1.4 < elapsed < 4
+        assert set(in_flight) == {0.0}
+        silent.settimeout(5)
+        assert silent.recv(65536).startswith(b"HTTP/1.1 408")  # nothing sent: cut off too
+        assert silent.recv(65536) == b""  # and closed
+        silent.close()
+        rejected = metric_samples(httpx.get(server.url + "/metrics").text, "deepvit_rejected_requests_total")
+        assert rejected['{reason="header_timeout"}'] == 2
+        # A kept-alive client whose requests arrive whole is not affected.
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(2):
+                r = client.post("/classify", content=grey_png(), headers={"content-type": "image/png"})
+                assert r.status_code == 200, r.text
+                time.sleep(1.0)  # idle between requests: the keep-alive timeout's business, not the head's

@@ -1,0 +1,66 @@
+"""uvicorn's HTTP protocol with a deadline on each request's head (request line and headers).
+
+uvicorn times out an idle kept-alive connection, but not a request whose head trickles in, nor a connection
+that never sends a byte: a client sending one byte a second ("slowloris") holds a connection, a file
+descriptor and a parser for as long as it likes, and a few thousand of them exhaust the server. Here the head
+of every request must be complete within ``DEEPVIT_HEADER_TIMEOUT_S`` of the connection's opening (for its
+first request) or of its first byte (for the next ones on a kept-alive connection); otherwise the server
+answers 408 with ``Connection: close`` and closes, as nginx does past ``client_header_timeout``. The body has
+its own deadline (``DEEPVIT_BODY_TIMEOUT_S``, in the middleware); a request counts in
+``deepvit_inflight_requests`` only once its body is in, so neither kind of slow client is counted there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def head_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None]) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with the head deadline and ``on_timeout`` called for each cut-off."""
+
+    class HeadTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_head_timer()  # the next request of a kept-alive connection: from its first byte
+
+        def on_headers_complete(self) -> None:
+            self._cancel_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            on_timeout()
+            body = json.dumps({"error": f"the request's head did not arrive within {timeout_s:g}s"}).encode()
+            head = (
+                "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+
+    return HeadTimeoutProtocol
