@@ -100,9 +100,7 @@ def run_compare(
         artifact = found[m][max(found[m])]
         for row in bench_http(repository, m, artifact, photos[0], concurrencies, duration_s, log, baseline=False):
             figures.append(
-                Figure(
-                    m, precision[m], "HTTP service", row.setting, row.images_per_s, row.p50_ms, row.p99_ms, row.errors
-                )
+                Figure(m, precision[m], row.layer, row.setting, row.images_per_s, row.p50_ms, row.p99_ms, row.errors)
             )
         log.unlink(missing_ok=True)
     header = (

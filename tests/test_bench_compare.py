@@ -28,9 +28,10 @@ def test_compare_puts_int8_beside_fp32_in_one_table(tmp_path: Path) -> None:
         for setting in ("batch 1", "batch 4"):
             assert f"| onnxruntime | {setting} | {model} | {precision} |" in table
         assert f"| HTTP service | hey, concurrency 2 | {model} | {precision} |" in table
+        assert f"| gRPC service | tritonclient.grpc.aio, concurrency 2 | {model} | {precision} |" in table
     assert "| onnxruntime | batch 1 | tiny | fp32 | " in table
     first = next(line for line in table.splitlines() if line.startswith("| onnxruntime | batch 1 | tiny |"))
     assert first.split("|")[6].strip() == "1.00"  # the first model is the unit
-    http_rows = [line for line in table.splitlines() if line.startswith("| HTTP service")]
+    http_rows = [line for line in table.splitlines() if line.startswith(("| HTTP service", "| gRPC service"))]
     assert all(line.endswith("| 0 |") for line in http_rows), "requests failed under the benchmark"
     assert not list(out.glob(".bench-*")), "the server log was left behind"
