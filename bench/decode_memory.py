@@ -78,7 +78,7 @@ class DecodeMemoryRun:
 
     def render(self) -> str:
         growth = (self.rss_after_mib - self.rss_before_mib) / self.rss_before_mib
-        share = ", ".join(f"{code}: {n:,}" for code, n in sorted(self.statuses.items()))
+        share = ", ".join(f"{code or 'no answer'}: {n:,}" for code, n in sorted(self.statuses.items()))
         rows = [
             ("lying images sent", f"{self.requests:,} (headers claiming up to {self.max_side:,} px a side)"),
             ("answers by status", share),
@@ -97,14 +97,18 @@ def _post_all(port: int, bodies: list[tuple[str, bytes]], clients: int) -> colle
     def client(chunk: list[tuple[str, bytes]]) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for content_type, body in chunk:
-            conn.request("POST", "/classify", body=body, headers={"Content-Type": content_type})
-            r = conn.getresponse()
-            r.read()
-            if r.getheader("connection", "").lower() == "close":
+            try:
+                conn.request("POST", "/classify", body=body, headers={"Content-Type": content_type})
+                r = conn.getresponse()
+                r.read()
+                status, closing = r.status, r.getheader("connection", "").lower() == "close"
+            except (OSError, http.client.HTTPException):
+                status, closing = 0, True  # no answer: counted as status 0
+            if closing:
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             with lock:
-                statuses[r.status] += 1
+                statuses[status] += 1
         conn.close()
 
     threads = [threading.Thread(target=client, args=(c,)) for c in chunks]

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 # Idle connections older than this are not reused: below uvicorn's keep-alive timeout (5 s by default).
 IDLE_S = 4.0
+# How long the requests still in flight when the arrivals end may take to be answered.
+ANSWER_WAIT_S = 60.0
 
 
 @dataclass
@@ -43,17 +45,16 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def exchange(self, request: bytes) -> tuple[int, bool]:
-        """Write the request, read the answer (Content-Length bodies); (status, whether Retry-After came)."""
+    async def exchange(self, request: bytes) -> tuple[int, bool, bool]:
+        """Write the request, read the answer (Content-Length bodies); (status, whether Retry-After came,
+        whether the server closes the connection after it)."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
         await self.reader.readexactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            raise ConnectionResetError("the server closed the connection")
-        return status, "retry-after" in headers
+        return status, "retry-after" in headers, headers.get("connection", "").lower() == "close"
 
     def close(self) -> None:
         self.writer.close()
@@ -105,22 +106,33 @@ async def run(
             opened += 1
             try:
                 conn = _Connection(*await asyncio.open_connection(host, port))
-            except OSError as exc:
+            except (OSError, asyncio.CancelledError) as exc:
                 opened -= 1
-                records.append(Record(due - start, 0.0, 0, False, loop.time() - due, f"connect: {exc}"))
+                why = "no connection" if isinstance(exc, asyncio.CancelledError) else f"connect: {exc}"
+                records.append(Record(due - start, 0.0, 0, False, loop.time() - due, why))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 return
         sent = loop.time()
         try:
-            status, retry_after = await conn.exchange(request)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            status, retry_after, closing = await conn.exchange(request)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, asyncio.CancelledError) as exc:
             conn.close()
             opened -= 1
-            records.append(
-                Record(due - start, loop.time() - sent, 0, False, sent - due, f"{type(exc).__name__}: {exc}")
-            )
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            why = f"{type(exc).__name__}: {exc}"
+            if cancelled:
+                why = f"no answer within {ANSWER_WAIT_S:g} s of the last arrival"
+            records.append(Record(due - start, loop.time() - sent, 0, False, sent - due, why))
+            if cancelled:
+                raise
             return
         records.append(Record(due - start, loop.time() - sent, status, retry_after, sent - due))
-        idle.append((conn, loop.time()))
+        if closing:  # an answer, then the server closes (a 413, a drain's 503): the next arrival reconnects
+            conn.close()
+            opened -= 1
+        else:
+            idle.append((conn, loop.time()))
 
     due = start
     end = start + duration_s
@@ -135,7 +147,11 @@ async def run(
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
-        await asyncio.wait(tasks, timeout=60)
+        await asyncio.wait(tasks, timeout=ANSWER_WAIT_S)
+    for task in list(tasks):  # still unanswered: recorded as such, their connections closed
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
     for conn, _ in idle:
         conn.close()
     return records

@@ -190,6 +190,12 @@ class Settings(BaseSettings):
         return self.admission_max_wait_s or self.request_timeout_s / 2
 
     @property
+    def batch_budget_s(self) -> float:
+        """The longest one batch may compute for the warm-up's choice of batch size: an eighth of the
+        deadline, so that a request can wait for a batch or two and still be answered in time."""
+        return self.request_timeout_s / 8
+
+    @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
 

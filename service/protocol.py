@@ -54,6 +54,12 @@ def head_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None]) -> t
             self._head_timer = None
             if self.transport.is_closing():
                 return
+            if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+                # An earlier request of this connection is still being answered (a pipelining client; uvicorn
+                # stops reading meanwhile): a 408 now would be taken for its answer. Its head gets a new
+                # deadline once the answers before it are out.
+                self._arm_head_timer()
+                return
             on_timeout()
             body = json.dumps({"error": f"the request's head did not arrive within {timeout_s:g}s"}).encode()
             head = (

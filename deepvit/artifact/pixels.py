@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import DecodeBusyError, ImageError, ImageTooLargeError
 from .metadata import PreprocessSpec
@@ -213,14 +213,20 @@ def transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def draft_jpeg(img: Image.Image, spec: PreprocessSpec) -> None:
+def draft_jpeg(img: Image.Image, spec: PreprocessSpec) -> int:
     """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (scaling in the DCT domain), the smallest that
     still leaves the shorter side at least the resize's: decoding costs up to 8 x 8 times less, and so does its
     memory. Not the reference transform: the pixels differ a little (``deepvit bench --jpeg-draft`` measures
-    by how much), so it is an opt-in. Other formats are left as they are."""
-    if img.format == "JPEG":
+    by how much), so it is an opt-in. Other formats are left as they are. Returns the pixels whose decoding
+    memory to hold: the drafted picture's, but the whole picture's for a progressive JPEG, whose coefficients
+    libjpeg keeps at full size whatever the scale it outputs."""
+    pixels = img.width * img.height
+    if isinstance(img, JpegImagePlugin.JpegImageFile):  # MPO, phones' multi-picture JPEG, included
         side = spec.resize_shorter
         img.draft(img.mode, (side, side))  # keeps both sides >= side, so the orientation does not matter
+        if not img.info.get("progressive"):
+            pixels = img.width * img.height
+    return pixels
 
 
 def preprocess(
@@ -236,11 +242,10 @@ def preprocess(
     the image's decoding cost is held from it (waiting at most ``wait_s``) until the crop is made; ``draft``:
     see :func:`draft_jpeg`."""
     img = _open(data, limits, budget, ALLOWED_FORMATS)
-    if draft:
-        draft_jpeg(img, spec)
+    pixels = draft_jpeg(img, spec) if draft else img.width * img.height
     if memory is None:
         return transform(_decode_opened(img), spec)
-    with memory.hold(img.width * img.height, wait_s):
+    with memory.hold(pixels, wait_s):
         return transform(_decode_opened(img), spec)
 
 

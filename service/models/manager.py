@@ -172,7 +172,7 @@ class ModelManager:
         if s.warmup:
             warm = self._warm(name, version, runtime)
             if "max_batch_size" not in s.model_fields_set:  # the operator fixed none: the measurement picks
-                max_batch = warm.best_batch_size(budget_s=s.request_timeout_s / 8)
+                max_batch = warm.best_batch_size(budget_s=s.batch_budget_s)
                 batch_chosen_by = "measurement"
             if not s.instances:
                 instances_chosen_by = "measurement"
@@ -182,7 +182,7 @@ class ModelManager:
                     runtimes = [runtime]
                     threads = 1
                     if batch_chosen_by == "measurement":  # the instances' own most efficient batch
-                        max_batch = warm.best_batch_size(budget_s=s.request_timeout_s / 8)
+                        max_batch = warm.best_batch_size(budget_s=s.batch_budget_s)
                     # The session over every core stays, for a batch that finds every instance idle and
                     # nothing behind it: at low load one request gets the latency of all the cores.
                     solo = wide
@@ -247,18 +247,17 @@ class ModelManager:
         The second wins when attention's small matrices scale badly over threads (measured 23 ms of CPU per
         image with 2 threads against 11.6 ms with one). Warm a single-threaded session and take one instance
         per core when, each at its most efficient batch, that gives at least as many images per second: the
-        warm-up measures
-        each session alone, and serving favours the narrow ones further (a decode thread that preempts one of
-        a wide session's threads stalls the others; measured on 2 cores at 224 px, 69 against 60 img/s where
-        the warm-up had them within 15%). The wide session is not lost for it: it becomes the solo session,
-        which a request alone in the pipeline gets (service/batcher.py). Returns the count and, when it is
-        more than one, the single-threaded session with its warm-up."""
+        warm-up measures each session alone, and serving favours the narrow ones further (a decode thread that
+        preempts one of a wide session's threads stalls the others; measured on 2 cores at 224 px, 69 against
+        60 img/s where the warm-up had them within 15%). The wide session is not lost for it: it becomes the
+        solo session, which a request alone in the pipeline gets (service/batcher.py). Returns the count and,
+        when it is more than one, the single-threaded session with its warm-up."""
         cores = _cores()
         if runtime.provider != "CPUExecutionProvider" or cores < 2 or self.settings.intra_op_threads:
             return 1, None
         single = self._runtime_factory(path, self.settings.model_copy(update={"intra_op_threads": 1}))
         single_warm = self._warm(name, version, single)
-        budget = self.settings.request_timeout_s / 8
+        budget = self.settings.batch_budget_s
         if cores / single_warm.best_time_per_image(budget) >= 1 / warm.best_time_per_image(budget):
             return cores, (single, single_warm)
         return 1, None

@@ -272,3 +272,23 @@ def test_draft_leaves_other_formats_and_small_jpegs_as_the_reference_decodes_the
     assert np.array_equal(preprocess(png, SPEC, LIMITS, draft=True), preprocess(png, SPEC, LIMITS))
     small = encode(photo.resize((300, 300)), "JPEG", quality=90)  # no scale keeps 248: decoded whole
     assert np.array_equal(preprocess(small, SPEC, LIMITS, draft=True), preprocess(small, SPEC, LIMITS))
+
+
+def test_a_drafted_progressive_jpeg_holds_the_memory_of_the_whole_picture() -> None:
+    """libjpeg keeps a progressive JPEG's coefficients at full size whatever scale it outputs."""
+    from deepvit.artifact.pixels import DecodeMemory
+
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((2016, 1512))
+    data = encode(photo, "JPEG", quality=90, progressive=True)
+    held: list[int] = []
+    memory = DecodeMemory(limit_bytes=1 << 30)
+    hold = memory.hold
+
+    def recording_hold(pixels: int, wait_s: float):  # type: ignore[no-untyped-def]
+        held.append(pixels)
+        return hold(pixels, wait_s)
+
+    memory.hold = recording_hold  # type: ignore[method-assign]
+    drafted = preprocess(data, SPEC, LIMITS, memory=memory, draft=True)
+    assert drafted.shape == (224, 224, 3)
+    assert held == [2016 * 1512]

@@ -33,3 +33,10 @@ def test_ties_come_in_class_order_and_k_over_the_classes_is_every_class() -> Non
     got = top_k(np.array([0.0, 2.0, 1.0], np.float32), 5, LABELS[:3])
     assert [s["class_id"] for s in got] == [1, 2, 0]
     assert sum(s["score"] for s in got) == pytest.approx(1.0)
+
+
+def test_a_faulty_models_non_finite_logits_still_give_k_answers() -> None:
+    logits = np.zeros(10, np.float32)
+    logits[3] = np.nan
+    got = top_k(logits, 3, LABELS[:10])
+    assert [s["class_id"] for s in got] == _reference(logits, 3)

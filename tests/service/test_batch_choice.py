@@ -51,7 +51,7 @@ def test_the_choice_is_applied_and_reported(exported_tiny_patch: Path, tmp_path:
     assert sorted(timings) == ([1, 2, 4, 8, 16, 32] if fixed is None else [1, 2, 4])
     if fixed is None:
         assert chosen_by == "measurement"
-        assert size == Warmup(0, timings).best_batch_size(settings.request_timeout_s / 8)
+        assert size == Warmup(0, timings).best_batch_size(settings.batch_budget_s)
     else:
         assert (size, chosen_by) == (4, "setting")
     assert metric_samples(metrics.render().decode(), "deepvit_max_batch_size") == {}  # removed at unload
