@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from deepvit.artifact import ImageError, ImageTooLargeError, PreprocessSpec
-from deepvit.artifact.pixels import ImageLimits, PixelBudget, decode, preprocess
+from deepvit.artifact.pixels import DecodeMemory, ImageLimits, PixelBudget, decode, preprocess
 
 torchvision = pytest.importorskip("torchvision")
 T = torchvision.transforms
@@ -242,11 +242,8 @@ def test_malformed_files_are_bad_requests_whatever_pillow_raises(make: object) -
 
 
 # -- DEEPVIT_JPEG_DRAFT: decoding at a reduced scale, an opt-in -----------------------------------------
-def test_a_drafted_jpeg_decodes_smaller_and_stays_close_to_the_reference() -> None:
-    from deepvit.artifact.pixels import DecodeMemory
-
-    photo = Image.open(PHOTOS[0]).convert("RGB").resize((2016, 1512), Image.Resampling.LANCZOS)
-    data = encode(photo, "JPEG", quality=92)
+def recording_memory() -> tuple[DecodeMemory, list[int]]:
+    """A decoding budget that records the pixels each image holds."""
     held: list[int] = []
     memory = DecodeMemory(limit_bytes=1 << 30)
     hold = memory.hold
@@ -256,6 +253,13 @@ def test_a_drafted_jpeg_decodes_smaller_and_stays_close_to_the_reference() -> No
         return hold(pixels, wait_s)
 
     memory.hold = recording_hold  # type: ignore[method-assign]
+    return memory, held
+
+
+def test_a_drafted_jpeg_decodes_smaller_and_stays_close_to_the_reference() -> None:
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((2016, 1512), Image.Resampling.LANCZOS)
+    data = encode(photo, "JPEG", quality=92)
+    memory, held = recording_memory()
     exact = preprocess(data, SPEC, LIMITS, memory=memory)
     drafted = preprocess(data, SPEC, LIMITS, memory=memory, draft=True)
     assert drafted.shape == exact.shape == (224, 224, 3)
@@ -276,19 +280,9 @@ def test_draft_leaves_other_formats_and_small_jpegs_as_the_reference_decodes_the
 
 def test_a_drafted_progressive_jpeg_holds_the_memory_of_the_whole_picture() -> None:
     """libjpeg keeps a progressive JPEG's coefficients at full size whatever scale it outputs."""
-    from deepvit.artifact.pixels import DecodeMemory
-
     photo = Image.open(PHOTOS[0]).convert("RGB").resize((2016, 1512))
     data = encode(photo, "JPEG", quality=90, progressive=True)
-    held: list[int] = []
-    memory = DecodeMemory(limit_bytes=1 << 30)
-    hold = memory.hold
-
-    def recording_hold(pixels: int, wait_s: float):  # type: ignore[no-untyped-def]
-        held.append(pixels)
-        return hold(pixels, wait_s)
-
-    memory.hold = recording_hold  # type: ignore[method-assign]
+    memory, held = recording_memory()
     drafted = preprocess(data, SPEC, LIMITS, memory=memory, draft=True)
     assert drafted.shape == (224, 224, 3)
     assert held == [2016 * 1512]
