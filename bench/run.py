@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import os
 import platform
 import shutil
@@ -26,6 +27,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -163,10 +166,12 @@ def bench_http(
     duration_s: float,
     log: Path,
     baseline: bool = True,
+    served: list[str] | None = None,
 ) -> list[Row]:
     """The service over HTTP (hey on /classify) and the same process over gRPC, and (with ``baseline``) the
     naive baseline server over HTTP: same model, same photo, interleaved by concurrency so that a shared
-    machine's drift favours none of them."""
+    machine's drift favours none of them. ``served`` gets how the server batched the model (its warm-up's
+    choices, from ``GET /models``)."""
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
@@ -184,6 +189,8 @@ def bench_http(
     url, baseline_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{baseline_port}"
     try:
         _wait_ready(url, proc)
+        if served is not None:
+            served.append(_batching(url, model))
         if naive_proc is not None:
             _wait_ready(baseline_url, naive_proc)
         http, grpc, naive = [], [], []
@@ -205,6 +212,18 @@ def bench_http(
         log.with_suffix(".baseline.log").unlink(missing_ok=True)
 
 
+def _batching(url: str, model: str) -> str:
+    """How the server batches ``model``, as its ``GET /models`` says."""
+    with urllib.request.urlopen(url + "/models", timeout=10) as r:
+        found = [m for m in json.load(r)["models"] if m["name"] == model]
+    b = found[0]["batching"]
+    solo = " and a solo session over every core" if b.get("solo_session") else ""
+    return (
+        f"batches of at most {b['max_batch_size']} (chosen by {b['chosen_by']}), {b['instances']} instance(s) "
+        f"(chosen by {b['instances_chosen_by']}){solo}"
+    )
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (the server drains), then a kill if it does not exit within a minute."""
     proc.send_signal(signal.SIGTERM)
@@ -216,9 +235,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    import urllib.error
-    import urllib.request
-
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -303,7 +319,8 @@ def run_bench(
     limit = measure_limit(artifact, photos[0].read_bytes(), batch_sizes, min_time_s)
     log = (output or Path(".")) / f".bench-{name}-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    rows += bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log)
+    served: list[str] = []
+    rows += bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log, served=served)
     log.unlink(missing_ok=True)
     pipeline = next(r for r in rows if r.layer == "in-process pipeline").images_per_s
     http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
@@ -317,7 +334,7 @@ def run_bench(
     header = (
         f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
-        f"max_batch_size {settings.max_batch_size}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
+        f"served with {served[0]}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
         f"HTTP throughput / in-process pipeline, by concurrency: {ratios}\n\n"
         f"gRPC throughput / HTTP throughput, by concurrency: {versus}\n\n"
         f"HTTP throughput / naive baseline's (one ONNX Runtime call per request), by concurrency: {over_naive}\n\n"

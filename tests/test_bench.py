@@ -37,6 +37,7 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     assert "| HTTP service | hey, concurrency 4 |" in table
     assert "HTTP throughput / in-process pipeline" in table
     assert "concurrency 1: HTTP p50" in table  # the service's overhead over raw ONNX Runtime and one decode
+    assert "served with batches of at most " in table  # what the warm-up chose, as GET /models says
     assert "| gRPC service | tritonclient.grpc.aio, concurrency 1 |" in table
     assert "| gRPC service | tritonclient.grpc.aio, concurrency 4 |" in table
     assert "gRPC throughput / HTTP throughput" in table
