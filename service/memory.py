@@ -1,5 +1,6 @@
 """The process's resources under load: decoding memory given back to the operating system (glibc only;
-elsewhere these do nothing), and the worker threads' priority below the event loop's.
+elsewhere these do nothing), the worker threads' priority below the event loop's, and the start-up heap kept
+out of the garbage collector's full passes.
 
 glibc serves a large allocation by ``mmap`` and returns it on free, but raises that threshold after each such
 free (up to 32 MiB), after which the next large decodes come from the heap and the process keeps its

@@ -161,7 +161,7 @@ class ModelManager:
         threads = s.intra_op_threads
         if s.instances > 1 and not threads:  # the operator's instances share the cores
             threads = max(1, _cores() // s.instances)
-        runtime = wide = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
+        runtime = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
         max_batch = s.max_batch_size
         count = max(1, s.instances)
         runtimes = [runtime]
@@ -171,21 +171,19 @@ class ModelManager:
         instances_chosen_by: Literal["setting", "measurement"] = "setting"
         if s.warmup:
             warm = self._warm(name, version, runtime)
-            if "max_batch_size" not in s.model_fields_set:  # the operator fixed none: the measurement picks
-                max_batch = warm.best_batch_size(budget_s=s.batch_budget_s)
-                batch_chosen_by = "measurement"
             if not s.instances:
                 instances_chosen_by = "measurement"
                 count, single = self._measure_instances(name, version, path, runtime, warm)
                 if single is not None:  # one single-threaded session per core, this one the first
+                    # The session over every core stays, for a batch that finds every instance idle and
+                    # nothing behind it: at low load one request gets the latency of all the cores.
+                    solo = runtime
                     runtime, warm = single
                     runtimes = [runtime]
                     threads = 1
-                    if batch_chosen_by == "measurement":  # the instances' own most efficient batch
-                        max_batch = warm.best_batch_size(budget_s=s.batch_budget_s)
-                    # The session over every core stays, for a batch that finds every instance idle and
-                    # nothing behind it: at low load one request gets the latency of all the cores.
-                    solo = wide
+            if "max_batch_size" not in s.model_fields_set:  # the operator fixed none: the serving sessions'
+                max_batch = warm.best_batch_size(budget_s=s.batch_budget_s)  # most efficient size
+                batch_chosen_by = "measurement"
         while len(runtimes) < count:
             extra = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
             if s.warmup:
