@@ -14,11 +14,8 @@ from __future__ import annotations
 import collections
 import http.client
 import io
-import os
 import random
 import struct
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,8 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .overload import _rss_mib
-from .run import _free_port, _stop, _wait_ready
+from .server import free_port, rss_mib, serve, stop, wait_ready
 
 
 def claim_size(encoded: bytes, width: int, height: int) -> bytes:
@@ -122,22 +118,20 @@ def _post_all(port: int, bodies: list[tuple[str, bytes]], clients: int) -> colle
 def run_decode_memory(
     repository: Path, model: str, photo: Path, requests: int = 3000, clients: int = 4, max_side: int = 6000
 ) -> DecodeMemoryRun:
-    port = _free_port()
-    env = {**os.environ, "DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model}
-    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = serve(repository, model, port, log=None)
     ordinary = [("image/jpeg", photo.read_bytes())] * max(20, requests // 10)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", proc)
+        wait_ready(f"http://127.0.0.1:{port}", proc)
         _post_all(port, ordinary, clients)
-        before = _rss_mib(proc.pid)
+        before = rss_mib(proc.pid)
         peak = before
         done = threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not done.wait(0.2):
-                peak = max(peak, _rss_mib(proc.pid))
+                peak = max(peak, rss_mib(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -146,7 +140,7 @@ def run_decode_memory(
         time.sleep(0.5)
         done.set()
         sampler.join()
-        after = _rss_mib(proc.pid)
+        after = rss_mib(proc.pid)
     finally:
-        _stop(proc)
+        stop(proc)
     return DecodeMemoryRun(requests, statuses, before, max(peak, after), after, max_side)

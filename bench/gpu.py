@@ -168,14 +168,11 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> tuple
 
 
 def http_rows(repository: Path, model: str) -> list[tuple[str, str, int, float]]:
-    from .run import _free_port, _stop, _wait_ready
+    from .server import free_port, serve, stop, wait_ready
 
     env = {
-        **os.environ,
         "DEEPVIT_PROVIDERS": "cuda,cpu",
         "DEEPVIT_REQUIRE_GPU": "true",
-        "DEEPVIT_DEFAULT_MODEL": model,
-        "DEEPVIT_LOG_LEVEL": "warning",
         "DEEPVIT_MAX_BATCH_SIZE": "128",
         "DEEPVIT_MAX_QUEUE_SIZE": "1024",
         "DEEPVIT_MAX_PENDING_IMAGES": "1024",
@@ -183,20 +180,18 @@ def http_rows(repository: Path, model: str) -> list[tuple[str, str, int, float]]
     }
     only = Path(tempfile.mkdtemp()) / "repo"
     shutil.copytree(repository / model, only / model)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(only), "--port", str(port)]
-    with open(only.parent / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    proc = serve(only, model, port, only.parent / "server.log", env, cwd=ROOT)
     url, rows = f"http://127.0.0.1:{port}", []
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         body = PHOTO.read_bytes()
         for c in CONCURRENCIES:
             asyncio.run(load(url, body, c, 2))  # connections and queues warm up
             rate, p99, errors = asyncio.run(load(url, body, c, 10))
             rows.append((f"service over HTTP ({model})", f"c={c}, p99 {p99:.0f} ms, {errors} errors", c, rate))
     finally:
-        _stop(proc)
+        stop(proc)
     return rows
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import csv
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .openloop import Record, read_csv
-from .run import _free_port, _stop, _wait_ready
+from .server import free_port, rss_mib, serve, stop, wait_ready
 
 
 @dataclass
@@ -119,13 +118,6 @@ def _open_loop(url: str, rate: float, duration_s: float, photo: Path) -> list[Re
         return read_csv(out)
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _p99(values: list[float]) -> float:
     return float(np.percentile(values, 99)) * 1000 if values else float("nan")
 
@@ -139,20 +131,12 @@ def run_overload(
     deadline_s: float = 2.0,
     log: Path | None = None,
 ) -> Overload:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "DEEPVIT_LOG_LEVEL": "warning",
-        "DEEPVIT_DEFAULT_MODEL": model,
-        "DEEPVIT_REQUEST_TIMEOUT_S": f"{deadline_s:g}",
-        "DEEPVIT_MAX_QUEUE_SIZE": "64",
-    }
-    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
-    with open(log or os.devnull, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    env = {"DEEPVIT_REQUEST_TIMEOUT_S": f"{deadline_s:g}", "DEEPVIT_MAX_QUEUE_SIZE": "64"}
+    proc = serve(repository, model, port, log, env)
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         _hey(["-z", "2s", "-c", "8"], url + "/classify", photo)  # warms connections and the estimate
         closed = _hey(["-z", "10s", "-c", "8"], url + "/classify", photo)
         ok = [r for r in closed if r["status-code"] == "200"]
@@ -162,11 +146,11 @@ def run_overload(
         probes: list[float] = []
         failures = 0
         rss: list[tuple[float, float]] = []
-        stop = threading.Event()
+        done = threading.Event()
 
         def probe() -> None:
             nonlocal failures
-            while not stop.is_set():
+            while not done.is_set():
                 t0 = time.perf_counter()
                 try:
                     with urllib.request.urlopen(url + "/livez", timeout=3) as r:
@@ -178,15 +162,15 @@ def run_overload(
 
         def sample_rss() -> None:
             t0 = time.monotonic()
-            while not stop.is_set():
-                rss.append((time.monotonic() - t0, _rss_mib(proc.pid)))
-                stop.wait(1.0)
+            while not done.is_set():
+                rss.append((time.monotonic() - t0, rss_mib(proc.pid)))
+                done.wait(1.0)
 
         threads = [threading.Thread(target=probe, daemon=True), threading.Thread(target=sample_rss, daemon=True)]
         for t in threads:
             t.start()
         records = _open_loop(url + "/classify", offered, duration_s, photo)
-        stop.set()
+        done.set()
         for t in threads:
             t.join(5)
         time.sleep(1)
@@ -200,13 +184,14 @@ def run_overload(
             r.read()
         after = (time.perf_counter() - t0) * 1000
     finally:
-        _stop(proc)
+        stop(proc)
     answered = [r for r in records if r.status > 0]
     statuses = collections.Counter(str(r.status) for r in answered)
     accepted = [r.latency for r in answered if r.status == 200]
     refused = [r for r in answered if r.status == 503]
-    failed = collections.Counter("not sent: every connection busy" if r.status < 0 else r.error for r in records)
-    del failed[""]
+    failed = collections.Counter(
+        "not sent: every connection busy" if r.status < 0 else r.error for r in records if r.status <= 0
+    )
     late = [v for t, v in rss if t >= 10] or [v for _, v in rss]
     return Overload(
         capacity_rps=capacity,

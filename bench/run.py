@@ -22,8 +22,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ from deepvit.service.runtime import ModelRuntime
 from .chart import draw
 from .grpc_load import drive
 from .limit import measure_limit
+from .server import free_port, serve, start, stop, wait_ready
 
 
 @dataclass
@@ -103,12 +102,6 @@ def bench_pipeline(rt: ModelRuntime, photo: bytes, batch: int, threads: int, min
     return Row("in-process pipeline", f"decode+preprocess overlapped with infer, batch {batch}", batch * n / elapsed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) * 1000 if values else float("nan")
 
@@ -152,11 +145,6 @@ def run_grpc(target: str, model: str, photo: Path, concurrency: int, duration_s:
     )
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
 def bench_http(
     repository: Path,
     model: str,
@@ -175,24 +163,17 @@ def bench_http(
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
-    port, grpc_port, baseline_port = _free_port(), _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "DEEPVIT_LOG_LEVEL": "warning",
-        "DEEPVIT_DEFAULT_MODEL": model,
-        "DEEPVIT_GRPC_PORT": str(grpc_port),
-    }
-    cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
-    proc = _start(cmd, env, log)
+    port, grpc_port, baseline_port = free_port(), free_port(), free_port()
+    proc = serve(repository, model, port, log, {"DEEPVIT_GRPC_PORT": str(grpc_port)})
     baseline_cmd = [sys.executable, "-m", "deepvit.bench.baseline", str(artifact), "--port", str(baseline_port)]
-    naive_proc = _start(baseline_cmd, dict(os.environ), log.with_suffix(".baseline.log")) if baseline else None
+    naive_proc = start(baseline_cmd, dict(os.environ), log.with_suffix(".baseline.log")) if baseline else None
     url, baseline_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{baseline_port}"
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         if served is not None:
             served.append(_batching(url, model))
         if naive_proc is not None:
-            _wait_ready(baseline_url, naive_proc)
+            wait_ready(baseline_url, naive_proc)
         http, grpc, naive = [], [], []
         target = f"127.0.0.1:{grpc_port}"
         for c in concurrencies:
@@ -206,9 +187,9 @@ def bench_http(
                 naive.append(Row("naive baseline", r.setting, r.images_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.errors))
         return http + grpc + naive
     finally:
-        _stop(proc)
+        stop(proc)
         if naive_proc is not None:
-            _stop(naive_proc)
+            stop(naive_proc)
         log.with_suffix(".baseline.log").unlink(missing_ok=True)
 
 
@@ -222,31 +203,6 @@ def _batching(url: str, model: str) -> str:
         f"batches of at most {b['max_batch_size']} (chosen by {b['chosen_by']}), {b['instances']} instance(s) "
         f"(chosen by {b['instances_chosen_by']}){solo}"
     )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the server drains), then a kill if it does not exit within a minute."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"deepvit bench: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise SystemExit("deepvit bench: the server did not become ready")
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
