@@ -94,14 +94,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served_model_and_photo(args: argparse.Namespace) -> tuple[str, Path]:
-    """The model a run serves (``--model``, or the repository's first) and the photograph it sends."""
+def _served_model(args: argparse.Namespace) -> tuple[str, Path]:
+    """The model a run serves (``--model``, or the repository's first) and its latest version's artifact."""
     from deepvit.service.models.disk import scan_repository
 
     found = scan_repository(args.model_repository)
     if not found:
         raise SystemExit(f"deepvit bench: no model in {args.model_repository}")
-    return args.model or sorted(found)[0], sorted(args.photos.glob("*.jpg"))[0]
+    name = args.model or sorted(found)[0]
+    if name not in found:
+        raise SystemExit(f"deepvit bench: model {name!r} is not in {args.model_repository}")
+    return name, found[name][max(found[name])]
+
+
+def _photo(args: argparse.Namespace) -> Path:
+    """The photograph a run sends: the first of ``--photos``."""
+    photos: list[Path] = sorted(args.photos.glob("*.jpg"))
+    return photos[0]
 
 
 def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, table: str) -> int:
@@ -122,7 +131,7 @@ def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, ta
 def _overload(args: argparse.Namespace) -> int:
     from .overload import run_overload
 
-    name, photo = _served_model_and_photo(args)
+    (name, _), photo = _served_model(args), _photo(args)
     result = run_overload(
         args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
     )
@@ -138,7 +147,7 @@ def _overload(args: argparse.Namespace) -> int:
 def _decode_memory(args: argparse.Namespace) -> int:
     from .decode_memory import run_decode_memory
 
-    name, photo = _served_model_and_photo(args)
+    (name, _), photo = _served_model(args), _photo(args)
     result = run_decode_memory(args.model_repository, name, photo, args.requests)
     title = (
         f"### {name}: images whose headers lie about their size\n\n"
@@ -148,14 +157,10 @@ def _decode_memory(args: argparse.Namespace) -> int:
 
 
 def _jpeg_draft(args: argparse.Namespace) -> int:
-    from deepvit.service.models.disk import scan_repository
-
     from .jpeg_draft import measure, render
 
-    name, _ = _served_model_and_photo(args)
-    found = scan_repository(args.model_repository)[name]
-    photos = sorted(args.photos.glob("*.jpg"))
-    rows = measure(found[max(found)], photos)
+    name, artifact = _served_model(args)
+    rows = measure(artifact, sorted(args.photos.glob("*.jpg")))
     title = (
         f"### {name}: JPEG decoding at reduced scale (DEEPVIT_JPEG_DRAFT) against the reference transform\n\n"
         "{stamp} · CPU time per image, one thread, median of 7\n"

@@ -98,7 +98,8 @@ def run_compare(
         log = (output or Path(".")) / f".bench-{m}-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         artifact = found[m][max(found[m])]
-        for row in bench_http(repository, m, artifact, photos[0], concurrencies, duration_s, log, baseline=False):
+        served, _ = bench_http(repository, m, artifact, photos[0], concurrencies, duration_s, log, baseline=False)
+        for row in served:
             figures.append(
                 Figure(m, precision[m], row.layer, row.setting, row.images_per_s, row.p50_ms, row.p99_ms, row.errors)
             )

@@ -11,6 +11,7 @@ noise: judge fidelity by the pixels there, by the answers with trained weights.
 
 from __future__ import annotations
 
+import functools
 import io
 import statistics
 import time
@@ -76,8 +77,8 @@ def measure(artifact: Path, photos: list[Path], rounds: int = 7) -> list[DraftRo
                 DraftRow(
                     label,
                     Image.open(io.BytesIO(data)).size,
-                    _cpu_ms(lambda data=data: preprocess(data, spec, limits), rounds),  # type: ignore[misc]
-                    _cpu_ms(lambda data=data: preprocess(data, spec, limits, draft=True), rounds),  # type: ignore[misc]
+                    _cpu_ms(functools.partial(preprocess, data, spec, limits), rounds),
+                    _cpu_ms(functools.partial(preprocess, data, spec, limits, draft=True), rounds),
                     float(diff.mean()),
                     int(diff.max()),
                     top == int(np.argmax(p_draft)),

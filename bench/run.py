@@ -154,11 +154,10 @@ def bench_http(
     duration_s: float,
     log: Path,
     baseline: bool = True,
-    served: list[str] | None = None,
-) -> list[Row]:
+) -> tuple[list[Row], str]:
     """The service over HTTP (hey on /classify) and the same process over gRPC, and (with ``baseline``) the
     naive baseline server over HTTP: same model, same photo, interleaved by concurrency so that a shared
-    machine's drift favours none of them. ``served`` gets how the server batched the model (its warm-up's
+    machine's drift favours none of them. Also returns how the server batched the model (its warm-up's
     choices, from ``GET /models``)."""
     hey = shutil.which("hey")
     if hey is None:
@@ -170,8 +169,7 @@ def bench_http(
     url, baseline_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{baseline_port}"
     try:
         wait_ready(url, proc)
-        if served is not None:
-            served.append(_batching(url, model))
+        batching = _batching(url, model)
         if naive_proc is not None:
             wait_ready(baseline_url, naive_proc)
         http, grpc, naive = [], [], []
@@ -185,7 +183,7 @@ def bench_http(
                 run_hey(hey, baseline_url + "/classify", photo, c, 1)
                 r = run_hey(hey, baseline_url + "/classify", photo, c, duration_s)
                 naive.append(Row("naive baseline", r.setting, r.images_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.errors))
-        return http + grpc + naive
+        return http + grpc + naive, batching
     finally:
         stop(proc)
         if naive_proc is not None:
@@ -275,8 +273,8 @@ def run_bench(
     limit = measure_limit(artifact, photos[0].read_bytes(), batch_sizes, min_time_s)
     log = (output or Path(".")) / f".bench-{name}-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    served: list[str] = []
-    rows += bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log, served=served)
+    served, batching = bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log)
+    rows += served
     log.unlink(missing_ok=True)
     pipeline = next(r for r in rows if r.layer == "in-process pipeline").images_per_s
     http = {r.setting: r.images_per_s for r in rows if r.layer == "HTTP service"}
@@ -290,7 +288,7 @@ def run_bench(
     header = (
         f"### {name} v{version} ({described}) on {platform.machine()}, {os.cpu_count()} CPUs\n\n"
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · photo {photos[0].name} · "
-        f"served with {served[0]}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
+        f"served with {batching}, max_queue_delay {settings.max_queue_delay_ms:g} ms\n\n"
         f"HTTP throughput / in-process pipeline, by concurrency: {ratios}\n\n"
         f"gRPC throughput / HTTP throughput, by concurrency: {versus}\n\n"
         f"HTTP throughput / naive baseline's (one ONNX Runtime call per request), by concurrency: {over_naive}\n\n"
