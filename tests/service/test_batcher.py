@@ -140,6 +140,8 @@ async def test_queue_full_is_refused_at_once_and_nothing_is_half_queued() -> Non
     b.start()
     first = asyncio.create_task(b.submit("computing", deadline()))
     await asyncio.sleep(0.05)
+    behind = asyncio.create_task(b.submit("behind", deadline()))  # a full batch: queued on the instance
+    await asyncio.sleep(0.01)
     queued = [asyncio.create_task(b.submit(i, deadline())) for i in range(3)]
     await asyncio.sleep(0.01)
     t0 = time.monotonic()
@@ -150,7 +152,9 @@ async def test_queue_full_is_refused_at_once_and_nothing_is_half_queued() -> Non
     assert time.monotonic() - t0 < 0.1
     assert b.depth == 3
     model.release.set()
-    assert await asyncio.gather(first, *queued) == [("out", "computing")] + [("out", i) for i in range(3)]
+    assert await asyncio.gather(first, behind, *queued) == [("out", "computing"), ("out", "behind")] + [
+        ("out", i) for i in range(3)
+    ]
     await b.close()
 
 
@@ -293,4 +297,46 @@ async def test_an_item_submitted_alone_waits_for_no_window() -> None:
     t0 = time.monotonic()
     assert await b.submit("a", deadline(), alone=True) == ("out", "a")
     assert time.monotonic() - t0 < 2.5  # not the 5 s window
+    await b.close()
+
+
+async def test_a_full_batch_starts_when_the_one_before_ends_though_the_event_loop_is_busy() -> None:
+    """A full batch is queued on the busy instance's own thread: it does not wait for the event loop to hear
+    that the batch before it ended (at capacity that round trip left the instances idle)."""
+    spans: list[tuple[float, float]] = []
+
+    def predict(items: list[object]) -> list[object]:
+        t0 = time.monotonic()
+        time.sleep(0.1)
+        spans.append((t0, time.monotonic()))
+        return list(items)
+
+    b: Batcher[object, object] = Batcher(predict, max_batch_size=1, max_delay_s=0.0, max_queue_size=8)
+    b.start()
+    first = asyncio.create_task(b.submit("a", deadline()))
+    await asyncio.sleep(0.02)  # "a" computes
+    second = asyncio.create_task(b.submit("b", deadline()))
+    await asyncio.sleep(0.02)  # "b" is queued behind it
+    time.sleep(0.3)  # the event loop is busy well past the end of "a"
+    assert await asyncio.gather(first, second) == ["a", "b"]
+    assert spans[1][0] - spans[0][1] < 0.05  # "b" started as "a" ended, not when the loop was free (0.2 s later)
+    await b.close()
+
+
+async def test_an_item_queued_behind_a_batch_whose_deadline_passes_meanwhile_is_never_computed() -> None:
+    seen = RecordingObserver()
+    model = FakeModel()
+    model.release.clear()
+    b: Batcher[object, object] = Batcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=seen)
+    b.start()
+    blocker = asyncio.create_task(b.submit("blocker", deadline()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(ExpiredError, match="deadline"):
+        await b.submit("late", deadline(0.1))  # queued behind "blocker", on its instance
+    model.release.set()
+    await blocker
+    assert await b.submit("after", deadline()) == ("out", "after")
+    assert model.batches == [["blocker"], ["after"]]
+    assert len(seen.expired_waits) == 1
+    assert seen.expired_waits[0] >= 0.09
     await b.close()
