@@ -16,7 +16,7 @@ from onnxruntime.quantization import quantize_dynamic
 import deepvit.model.accuracy
 from deepvit.artifact.session import read_metadata
 from deepvit.model.config import DeepViTConfig
-from deepvit.model.export import ImageClassifier, fold_reattention_norm
+from deepvit.model.export import ImageClassifier, fold_reattention_norm, rewrite_for_inference
 from deepvit.model.net import DeepViT
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -71,6 +71,27 @@ def test_reattention_batchnorm_is_folded_into_the_head_mixing_convolution(export
     with torch.inference_mode():
         torch.testing.assert_close(ImageClassifier(folded)(images), ImageClassifier(model)(images), atol=1e-5, rtol=0)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original untouched
+
+
+def test_the_exported_mlp_gelu_is_one_fused_op_in_onnx_runtime(exported_tiny_patch: Path, tmp_path: Path) -> None:
+    """The graph writes GELU in the form ONNX Runtime fuses: after its optimisation no Erf is left (nn.GELU's own
+    export left five element-wise ops per block), and the model's answer is the same function."""
+    import onnxruntime as ort
+
+    assert "Erf" in ops(exported_tiny_patch)  # the graph itself holds standard ops only
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(exported_tiny_patch), opts, providers=["CPUExecutionProvider"])
+    optimized = ops(tmp_path / "optimized.onnx")
+    assert "Erf" not in optimized
+    assert optimized & {"Gelu", "BiasGelu"}
+    model = DeepViT(DeepViTConfig.from_json(DATA / "tiny_cnn.json")).eval()
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        rewritten = ImageClassifier(rewrite_for_inference(model))(images)
+        torch.testing.assert_close(rewritten, ImageClassifier(model)(images), atol=1e-5, rtol=0)
+    assert any(isinstance(m, torch.nn.GELU) for m in model.modules())  # the original untouched
 
 
 # ---------------------------------------------------------------- int8
