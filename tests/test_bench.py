@@ -43,6 +43,7 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     assert "gRPC throughput / HTTP throughput" in table
     assert "| naive baseline | hey, concurrency 4 |" in table
     assert "HTTP throughput / naive baseline's" in table
+    assert "the most any server could lead it by here" in table  # the limit over the baseline
     assert "machine limit" in table
     assert "HTTP throughput / machine limit" in table
     assert (out / "tiny.png").read_bytes().startswith(b"\x89PNG"), "the chart of throughput and p99"
