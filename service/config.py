@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     tensorrt_fp16: bool = Field(True, description="let TensorRT run layers in fp16 (provider tensorrt)")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
+    intra_op_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's pool threads spin when out of work (its default: each run of a session over "
+        "several cores keeps them busy some 25 ms after it ends)",
+    )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     instances: int = Field(
         0, ge=0, le=64, description="ONNX Runtime sessions per model version sharing its queue (0: by measurement)"

@@ -151,6 +151,7 @@ class ModelRuntime:
                 s.ort_providers(shapes),
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
+                spinning=s.intra_op_spinning,
             )
 
         if not settings.cuda_graph:
