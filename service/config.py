@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads")
     intra_op_spinning: bool = Field(
         False,
-        description="let ONNX Runtime's pool threads spin when out of work (its default: each run of a session over "
-        "several cores keeps them busy some 25 ms after it ends)",
+        description="let ONNX Runtime's pool threads spin on after a run, its default: a session over several cores "
+        "then keeps them busy some 25 ms after each run (off: they spin only while a run lasts)",
     )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     instances: int = Field(

@@ -35,9 +35,9 @@ def open_session(
     """An ``onnxruntime.InferenceSession``; providers that this onnxruntime lacks are left out (the CPU always
     remains). Anything ONNX Runtime cannot load is an ArtifactError with its first line.
 
-    ``spinning=False``: the session's pool threads sleep when out of work instead of spinning (ONNX Runtime's
-    default spins them for some 25 ms after every run, a core busy for nothing while a server waits for its
-    next request)."""
+    ``spinning=False``: the session's pool threads stop spinning when a run ends (they still spin between the
+    parallel sections of a run, where it saves their wake-ups). ONNX Runtime's default spins them on for some
+    25 ms after every run: a core busy for nothing while a server waits for its next request."""
     import onnxruntime as ort
 
     source = "the ONNX model" if isinstance(model, bytes) else str(model)
@@ -53,8 +53,7 @@ def open_session(
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
     if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     available = set(ort.get_available_providers())
     usable = [p for p in providers if (p[0] if isinstance(p, tuple) else p) in available] or list(CPU)
     try:

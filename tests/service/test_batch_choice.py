@@ -197,8 +197,8 @@ def test_a_session_over_several_cores_leaves_them_idle_after_a_run_unless_told_t
     exported_tiny_patch: Path, spinning: bool
 ) -> None:
     """ONNX Runtime's default spins its pool threads for some 25 ms after every run: a core busy for nothing
-    while the server waits for its next request. The service's sessions sleep them (DEEPVIT_INTRA_OP_SPINNING
-    brings the spin back)."""
+    while the server waits for its next request. The service's sessions stop the spin when a run ends
+    (DEEPVIT_INTRA_OP_SPINNING brings it back)."""
     import numpy as np
 
     from deepvit.artifact.session import open_session
