@@ -275,6 +275,8 @@ class Batcher(Generic[T, R]):
                     assert target is not None  # the loop above breaks with one
                     instances, predict = [target], self._predicts[target]
                 for i in instances:
+                    if not self._batches_on[i]:  # it starts now; its thread sets the time again when it does
+                        self._running_since[i] = self._clock()
                     self._batches_on[i] += 1
                 task = asyncio.create_task(self._compute(batch, instances, predict))
                 self._computing.add(task)
