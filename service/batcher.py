@@ -171,10 +171,6 @@ class Batcher(Generic[T, R]):
     def depth(self) -> int:
         return self._waiting
 
-    @property
-    def idle(self) -> bool:
-        return not self._waiting and not self._computing
-
     def has_capacity(self, n: int = 1) -> bool:
         """Whether ``n`` more items would be queued now: an early check before expensive decoding."""
         return not self._closed and self._waiting + n <= self.max_queue_size

@@ -53,9 +53,8 @@ class Warmup:
         most ``budget_s``; of those within ``tolerance`` of it, the smallest (less waiting for a batch to fill,
         lower latency). On a CPU that is a small batch (attention's N x N maps leave the cache as the batch
         grows); on a GPU, a large one."""
-        fits = self._fitting(budget_s)
-        best = min(t / n for n, t in fits.items())
-        return min(n for n, t in fits.items() if t / n <= best * (1 + tolerance))
+        best = self.best_time_per_image(budget_s)
+        return min(n for n, t in self._fitting(budget_s).items() if t / n <= best * (1 + tolerance))
 
     def best_time_per_image(self, budget_s: float) -> float:
         """The lowest time per image among the batch sizes within ``budget_s`` (the smallest batch's, when
