@@ -159,12 +159,7 @@ async def test_queue_full_is_refused_at_once_and_nothing_is_half_queued() -> Non
 
 
 async def test_an_item_whose_deadline_passes_in_the_queue_is_never_computed() -> None:
-    model = FakeModel()
-    model.release.clear()
-    b = make(model, max_batch_size=1, max_delay_s=0.0)
-    b.start()
-    blocker = asyncio.create_task(b.submit("blocker", deadline()))
-    await asyncio.sleep(0.05)
+    b, model, blocker = await blocked()
     with pytest.raises(ExpiredError, match="deadline"):
         await b.submit("late", deadline(0.1))
     model.release.set()
@@ -214,6 +209,19 @@ class RecordingObserver:
         self.expired_waits.append(queue_wait)
 
 
+async def blocked(
+    observer: RecordingObserver | None = None,
+) -> tuple[Batcher[object, object], FakeModel, asyncio.Task[object]]:
+    """Batches of one, the first ("blocker") computing and held there until ``model.release`` is set."""
+    model = FakeModel()
+    model.release.clear()
+    b: Batcher[object, object] = Batcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=observer)
+    b.start()
+    blocker = asyncio.create_task(b.submit("blocker", deadline()))
+    await asyncio.sleep(0.05)
+    return b, model, blocker
+
+
 async def test_observer_sees_batches_and_queue_depth() -> None:
     seen = RecordingObserver()
     b: Batcher[int, object] = Batcher(FakeModel(), max_batch_size=4, max_delay_s=0.02, max_queue_size=8, observer=seen)
@@ -229,12 +237,7 @@ async def test_observer_sees_batches_and_queue_depth() -> None:
 
 async def test_observer_sees_the_waits_of_expired_items() -> None:
     seen = RecordingObserver()
-    model = FakeModel()
-    model.release.clear()
-    b: Batcher[object, object] = Batcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=seen)
-    b.start()
-    blocker = asyncio.create_task(b.submit("blocker", deadline()))
-    await asyncio.sleep(0.05)
+    b, model, blocker = await blocked(seen)
     with pytest.raises(ExpiredError):
         await b.submit_many(["late", "later", "latest"], deadline(0.1))
     await asyncio.sleep(0)  # done-callbacks run on the next turn of the loop
@@ -325,12 +328,7 @@ async def test_a_full_batch_starts_when_the_one_before_ends_though_the_event_loo
 
 async def test_an_item_queued_behind_a_batch_whose_deadline_passes_meanwhile_is_never_computed() -> None:
     seen = RecordingObserver()
-    model = FakeModel()
-    model.release.clear()
-    b: Batcher[object, object] = Batcher(model, max_batch_size=1, max_delay_s=0.0, max_queue_size=8, observer=seen)
-    b.start()
-    blocker = asyncio.create_task(b.submit("blocker", deadline()))
-    await asyncio.sleep(0.05)
+    b, model, blocker = await blocked(seen)
     with pytest.raises(ExpiredError, match="deadline"):
         await b.submit("late", deadline(0.1))  # queued behind "blocker", on its instance
     model.release.set()
