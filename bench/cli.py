@@ -96,21 +96,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _served_model(args: argparse.Namespace) -> tuple[str, Path]:
     """The model a run serves (``--model``, or the repository's first) and its latest version's artifact."""
-    from deepvit.service.models.disk import scan_repository
+    from .run import served_model
 
-    found = scan_repository(args.model_repository)
-    if not found:
-        raise SystemExit(f"deepvit bench: no model in {args.model_repository}")
-    name = args.model or sorted(found)[0]
-    if name not in found:
-        raise SystemExit(f"deepvit bench: model {name!r} is not in {args.model_repository}")
-    return name, found[name][max(found[name])]
+    name, _, artifact = served_model(args.model_repository, args.model)
+    return name, artifact
 
 
-def _photo(args: argparse.Namespace) -> Path:
-    """The photograph a run sends: the first of ``--photos``."""
-    photos: list[Path] = sorted(args.photos.glob("*.jpg"))
-    return photos[0]
+def _photos(args: argparse.Namespace) -> list[Path]:
+    """The photographs of ``--photos``; a run that sends one sends the first."""
+    from .run import photographs
+
+    return photographs(args.photos)
 
 
 def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, table: str) -> int:
@@ -131,7 +127,7 @@ def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, ta
 def _overload(args: argparse.Namespace) -> int:
     from .overload import run_overload
 
-    (name, _), photo = _served_model(args), _photo(args)
+    (name, _), photo = _served_model(args), _photos(args)[0]
     result = run_overload(
         args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
     )
@@ -147,7 +143,7 @@ def _overload(args: argparse.Namespace) -> int:
 def _decode_memory(args: argparse.Namespace) -> int:
     from .decode_memory import run_decode_memory
 
-    (name, _), photo = _served_model(args), _photo(args)
+    (name, _), photo = _served_model(args), _photos(args)[0]
     result = run_decode_memory(args.model_repository, name, photo, args.requests)
     title = (
         f"### {name}: images whose headers lie about their size\n\n"
@@ -160,7 +156,7 @@ def _jpeg_draft(args: argparse.Namespace) -> int:
     from .jpeg_draft import measure, render
 
     name, artifact = _served_model(args)
-    rows = measure(artifact, sorted(args.photos.glob("*.jpg")))
+    rows = measure(artifact, _photos(args))
     title = (
         f"### {name}: JPEG decoding at reduced scale (DEEPVIT_JPEG_DRAFT) against the reference transform\n\n"
         "{stamp} · CPU time per image, one thread, median of 7\n"

@@ -21,7 +21,7 @@ from deepvit.service.config import Settings
 from deepvit.service.models.disk import scan_repository
 from deepvit.service.runtime import ModelRuntime
 
-from .run import _fmt, _timed_loop, bench_http
+from .run import _fmt, _timed_loop, bench_http, photographs
 
 
 @dataclass
@@ -85,11 +85,10 @@ def run_compare(
     missing = [m for m in models if m not in found]
     if missing:
         raise SystemExit(f"deepvit bench: {', '.join(missing)} not in {repository} (found {', '.join(found)})")
-    photos = sorted(photos_dir.glob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"deepvit bench: no *.jpg photographs in {photos_dir}")
+    photos = photographs(photos_dir)
+    artifacts = {m: found[m][max(found[m])] for m in models}  # each model's latest version
     settings = Settings(model_repository=repository, providers=["cuda", "cpu"])
-    runtimes = {m: ModelRuntime(found[m][max(found[m])], settings) for m in models}
+    runtimes = {m: ModelRuntime(artifacts[m], settings) for m in models}
     print(f"comparing {', '.join(models)} on {next(iter(runtimes.values())).provider}…", file=sys.stderr, flush=True)
     figures = raw_figures(runtimes, batch_sizes, min_time_s)
     precision = {m: rt.meta.precision for m, rt in runtimes.items()}
@@ -97,8 +96,7 @@ def run_compare(
     for m in models:
         log = (output or Path(".")) / f".bench-{m}-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        artifact = found[m][max(found[m])]
-        served, _ = bench_http(repository, m, artifact, photos[0], concurrencies, duration_s, log, baseline=False)
+        served, _ = bench_http(repository, m, artifacts[m], photos[0], concurrencies, duration_s, log, baseline=False)
         for row in served:
             figures.append(
                 Figure(m, precision[m], row.layer, row.setting, row.images_per_s, row.p50_ms, row.p99_ms, row.errors)

@@ -241,6 +241,28 @@ def _overhead_at_c1(rows: list[Row], decode_ms: float) -> str:
     )
 
 
+def served_model(repository: Path, model: str | None) -> tuple[str, int, Path]:
+    """The model a benchmark serves (``model``, or the repository's first), its latest version and that
+    version's artifact."""
+    found = scan_repository(repository)
+    if not found:
+        raise SystemExit(f"deepvit bench: no model in {repository}")
+    name = model or sorted(found)[0]
+    if name not in found:
+        raise SystemExit(f"deepvit bench: model {name!r} is not in {repository} (found {', '.join(found)})")
+    version = max(found[name])
+    return name, version, found[name][version]
+
+
+def photographs(folder: Path) -> list[Path]:
+    """The ``*.jpg`` photographs a benchmark sends, in name order (the first is the one a single-photo run
+    sends)."""
+    photos = sorted(folder.glob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"deepvit bench: no *.jpg photographs in {folder}")
+    return photos
+
+
 def run_bench(
     repository: Path,
     model: str | None,
@@ -251,18 +273,9 @@ def run_bench(
     duration_s: float = 10.0,
     min_time_s: float = 3.0,
 ) -> str:
-    found = scan_repository(repository)
-    if not found:
-        raise SystemExit(f"deepvit bench: no model in {repository}")
-    name = model or sorted(found)[0]
-    if name not in found:
-        raise SystemExit(f"deepvit bench: model {name!r} is not in {repository} (found {', '.join(found)})")
-    version = max(found[name])
-    photos = sorted(p for p in photos_dir.glob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"deepvit bench: no *.jpg photographs in {photos_dir}")
+    name, version, artifact = served_model(repository, model)
+    photos = photographs(photos_dir)
     settings = Settings(model_repository=repository, providers=["cuda", "cpu"])
-    artifact = found[name][version]
     rt = ModelRuntime(artifact, settings)
     print(f"benchmarking {name} v{version} on {rt.provider}…", file=sys.stderr, flush=True)
     rows = bench_runtime(rt, batch_sizes, min_time_s)
