@@ -58,10 +58,8 @@ def measure(plain: Path, explain: Path, batch_sizes: Sequence[int], rounds: int)
     return rows
 
 
-def render(rows: list[CostRow], title: str) -> str:
+def render(rows: list[CostRow]) -> str:
     lines = [
-        title,
-        "",
         "| batch | artifact and outputs asked for | ms per image | vs without |",
         "| ---: | --- | ---: | ---: |",
     ]

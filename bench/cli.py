@@ -109,14 +109,15 @@ def _photos(args: argparse.Namespace) -> list[Path]:
     return photographs(args.photos)
 
 
-def _publish(args: argparse.Namespace, kind: str, file_name: str, title: str, table: str) -> int:
-    """Print a run's table under its title, and write it to ``--output``/``file_name``."""
+def _publish(args: argparse.Namespace, kind: str, file_name: str, heading: str, subtitle: str, table: str) -> int:
+    """Print a run's table under its heading and a line of when, where and how, and write it to
+    ``--output``/``file_name``."""
     import datetime as dt
     import os
     import platform
 
     stamp = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs"
-    text = title.replace("{stamp}", stamp) + "\n" + table
+    text = f"### {heading}\n\n{stamp} · {subtitle}\n\n{table}"
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / file_name).write_text(f"<!-- written by deepvit bench --{kind} -->\n{text}\n")
@@ -131,13 +132,12 @@ def _overload(args: argparse.Namespace) -> int:
     result = run_overload(
         args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
     )
-    title = (
-        f"### {name}: {args.factor:g}x capacity for {args.overload_seconds:g} s, open loop\n\n"
-        f"{{stamp}} · photo {photo.name} ({photo.stat().st_size / 1024:.0f} KB) · "
-        f"DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the "
-        "same machine\n"
+    heading = f"{name}: {args.factor:g}x capacity for {args.overload_seconds:g} s, open loop"
+    subtitle = (
+        f"photo {photo.name} ({photo.stat().st_size / 1024:.0f} KB) · DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, "
+        "DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the same machine"
     )
-    return _publish(args, "overload", f"{name}-overload.md", title, result.render())
+    return _publish(args, "overload", f"{name}-overload.md", heading, subtitle, result.render())
 
 
 def _decode_memory(args: argparse.Namespace) -> int:
@@ -145,30 +145,23 @@ def _decode_memory(args: argparse.Namespace) -> int:
 
     (name, _), photo = _served_model(args), _photos(args)[0]
     result = run_decode_memory(args.model_repository, name, photo, args.requests)
-    title = (
-        f"### {name}: images whose headers lie about their size\n\n"
-        f"{{stamp}} · made from {photo.name}, the server's default settings\n"
-    )
-    return _publish(args, "decode-memory", f"{name}-decode-memory.md", title, result.render())
+    heading = f"{name}: images whose headers lie about their size"
+    subtitle = f"made from {photo.name}, the server's default settings"
+    return _publish(args, "decode-memory", f"{name}-decode-memory.md", heading, subtitle, result.render())
 
 
 def _jpeg_draft(args: argparse.Namespace) -> int:
     from .jpeg_draft import measure, render
 
     name, artifact = _served_model(args)
-    rows = measure(artifact, _photos(args))
-    title = (
-        f"### {name}: JPEG decoding at reduced scale (DEEPVIT_JPEG_DRAFT) against the reference transform\n\n"
-        "{stamp} · CPU time per image, one thread, median of 7\n"
-    )
-    return _publish(args, "jpeg-draft", f"{name}-jpeg-draft.md", title, render(rows))
+    rounds = 7
+    rows = measure(artifact, _photos(args), rounds)
+    heading = f"{name}: JPEG decoding at reduced scale (DEEPVIT_JPEG_DRAFT) against the reference transform"
+    subtitle = f"CPU time per image, one thread, median of {rounds}"
+    return _publish(args, "jpeg-draft", f"{name}-jpeg-draft.md", heading, subtitle, render(rows))
 
 
 def _attention_cost(args: argparse.Namespace) -> int:
-    import datetime as dt
-    import os
-    import platform
-
     from deepvit.artifact.session import read_metadata
 
     from .attention_cost import measure, render
@@ -176,16 +169,6 @@ def _attention_cost(args: argparse.Namespace) -> int:
     plain, explain = args.attention_cost
     meta = read_metadata(plain)
     rows = measure(plain, explain, [b for b in args.batch_sizes if b <= 8] or [1], args.rounds)
-    title = (
-        f"### {meta.name}: the cost of the attention output\n\n"
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {platform.machine()}, {os.cpu_count()} CPUs · ONNX Runtime "
-        f"on the CPU, one intra-op thread · median of {args.rounds} interleaved rounds"
-    )
-    table = render(rows, title)
-    if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / f"{meta.name}-attention-cost.md").write_text(
-            f"<!-- written by deepvit bench --attention-cost -->\n{table}\n"
-        )
-    print(table)
-    return 0
+    heading = f"{meta.name}: the cost of the attention output"
+    subtitle = f"ONNX Runtime on the CPU, one intra-op thread · median of {args.rounds} interleaved rounds"
+    return _publish(args, "attention-cost", f"{meta.name}-attention-cost.md", heading, subtitle, render(rows))
