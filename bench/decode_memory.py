@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .report import key_value_table
 from .server import free_port, rss_mib, serve, stop, wait_ready
 
 
@@ -65,8 +66,7 @@ def lying_images(photo: bytes, count: int, max_side: int, seed: int = 0) -> list
 
 @dataclass
 class DecodeMemoryRun:
-    requests: int
-    statuses: collections.Counter[int]
+    statuses: collections.Counter[int]  # of the lying images, one per request (0: no answer)
     rss_before_mib: float
     rss_peak_mib: float
     rss_after_mib: float
@@ -76,13 +76,16 @@ class DecodeMemoryRun:
         growth = (self.rss_after_mib - self.rss_before_mib) / self.rss_before_mib
         share = ", ".join(f"{code or 'no answer'}: {n:,}" for code, n in sorted(self.statuses.items()))
         rows = [
-            ("lying images sent", f"{self.requests:,} (headers claiming up to {self.max_side:,} px a side)"),
+            (
+                "lying images sent",
+                f"{sum(self.statuses.values()):,} (headers claiming up to {self.max_side:,} px a side)",
+            ),
             ("answers by status", share),
             ("RSS before (after ordinary photographs)", f"{self.rss_before_mib:,.0f} MiB"),
             ("RSS at its peak", f"{self.rss_peak_mib:,.0f} MiB"),
             ("RSS after (ordinary photographs again)", f"{self.rss_after_mib:,.0f} MiB ({growth:+.1%})"),
         ]
-        return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+        return key_value_table(rows)
 
 
 def _post_all(port: int, bodies: list[tuple[str, bytes]], clients: int) -> collections.Counter[int]:
@@ -120,7 +123,8 @@ def run_decode_memory(
 ) -> DecodeMemoryRun:
     port = free_port()
     proc = serve(repository, model, port, log=None)
-    ordinary = [("image/jpeg", photo.read_bytes())] * max(20, requests // 10)
+    data = photo.read_bytes()
+    ordinary = [("image/jpeg", data)] * max(20, requests // 10)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         _post_all(port, ordinary, clients)
@@ -135,7 +139,7 @@ def run_decode_memory(
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        statuses = _post_all(port, lying_images(photo.read_bytes(), requests, max_side), clients)
+        statuses = _post_all(port, lying_images(data, requests, max_side), clients)
         _post_all(port, ordinary, clients)
         time.sleep(0.5)
         done.set()
@@ -143,4 +147,4 @@ def run_decode_memory(
         after = rss_mib(proc.pid)
     finally:
         stop(proc)
-    return DecodeMemoryRun(requests, statuses, before, max(peak, after), after, max_side)
+    return DecodeMemoryRun(statuses, before, max(peak, after), after, max_side)

@@ -27,9 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .openloop import Record, read_csv
+from .report import key_value_table, percentile_ms
 from .server import free_port, rss_mib, serve, stop, wait_ready
 
 
@@ -83,7 +82,7 @@ class Overload:
             ("RSS, second 10 → end", f"{self.rss_start_mib:,.0f} → {self.rss_end_mib:,.0f} MiB ({growth:+.1%})"),
             ("one request after the load", f"{self.after_ms:,.1f} ms"),
         ]
-        return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+        return key_value_table(rows)
 
 
 def _hey(args: list[str], url: str, photo: Path) -> list[dict[str, str]]:
@@ -116,10 +115,6 @@ def _open_loop(url: str, rate: float, duration_s: float, photo: Path) -> list[Re
         ]
         subprocess.run(cmd, check=True, timeout=duration_s + 120)
         return read_csv(out)
-
-
-def _p99(values: list[float]) -> float:
-    return float(np.percentile(values, 99)) * 1000 if values else float("nan")
 
 
 def run_overload(
@@ -199,9 +194,9 @@ def run_overload(
         duration_s=duration_s,
         statuses=statuses,
         goodput_rps=len(accepted) / duration_s,
-        accepted_p99_ms=_p99(accepted),
-        refused_p99_ms=_p99([r.latency for r in refused]),
-        probe_p99_ms=_p99(probes),
+        accepted_p99_ms=percentile_ms(accepted, 99),
+        refused_p99_ms=percentile_ms([r.latency for r in refused], 99),
+        probe_p99_ms=percentile_ms(probes, 99),
         probe_max_ms=max(probes) * 1000 if probes else float("nan"),
         probe_failures=failures,
         rss_start_mib=late[0] if late else float("nan"),
@@ -209,6 +204,6 @@ def run_overload(
         after_ms=after,
         deadline_s=deadline_s,
         refused_with_retry_after=sum(r.retry_after for r in refused),
-        generator_lag_p99_ms=_p99([r.lag for r in records if r.status >= 0]),
+        generator_lag_p99_ms=percentile_ms([r.lag for r in records if r.status >= 0], 99),
         failed=failed,
     )

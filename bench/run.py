@@ -42,6 +42,7 @@ from deepvit.service.runtime import ModelRuntime
 from .chart import draw
 from .grpc_load import drive
 from .limit import measure_limit
+from .report import percentile_ms
 from .server import free_port, serve, start, stop, wait_ready
 
 
@@ -102,10 +103,6 @@ def bench_pipeline(rt: ModelRuntime, photo: bytes, batch: int, threads: int, min
     return Row("in-process pipeline", f"decode+preprocess overlapped with infer, batch {batch}", batch * n / elapsed)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) * 1000 if values else float("nan")
-
-
 def run_hey(hey: str, url: str, photo: Path, concurrency: int, duration_s: float) -> Row:
     # A fixed duration (-z) rather than a request count: at high concurrency a count leaves each worker a
     # handful of requests, and the ramp-up and ramp-down would dominate.
@@ -125,9 +122,9 @@ def run_hey(hey: str, url: str, photo: Path, concurrency: int, duration_s: float
         "HTTP service",
         f"hey, concurrency {concurrency}",
         len(times) / wall,
-        _percentile(times, 50),
-        _percentile(times, 95),
-        _percentile(times, 99),
+        percentile_ms(times, 50),
+        percentile_ms(times, 95),
+        percentile_ms(times, 99),
         errors,
     )
 
@@ -138,9 +135,9 @@ def run_grpc(target: str, model: str, photo: Path, concurrency: int, duration_s:
         "gRPC service",
         f"tritonclient.grpc.aio, concurrency {concurrency}",
         len(load.times) / load.wall_s if load.times else float("nan"),
-        _percentile(load.times, 50),
-        _percentile(load.times, 95),
-        _percentile(load.times, 99),
+        percentile_ms(load.times, 50),
+        percentile_ms(load.times, 95),
+        percentile_ms(load.times, 99),
         load.errors,
     )
 
