@@ -16,7 +16,7 @@ A partial batch still waits for an instance, collecting meanwhile, so batches ar
 Items submitted ``alone`` (the caller knows that nothing else is in its pipeline, decoding included) wait
 for no window, since nothing would join them; and an optional ``solo`` predict function (on a CPU: one
 session over every core, beside single-threaded instances) takes a batch of them that finds every instance
-idle and nothing queued behind it, holding every slot while it computes. At low load a request gets all the
+idle and nothing queued behind it, holding every instance while it computes. At low load a request gets all the
 cores (the latency of a wide session); under load the instances keep the throughput of narrow ones. The
 batcher's own queue is no load signal: where decoding is the bottleneck it holds one item at a time however
 busy the server is.
