@@ -19,12 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import Settings
 from .context import AppContext
 from .errors import ArtifactError, DeadlineExceededError, ServiceError, UnavailableError
-from .inference import InferencePipeline
 from .memory import lower_thread_priority
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .models.manager import ModelManager
 from .models.sync import RepositorySync
+from .pipeline import InferencePipeline
 from .routes import classify, explain, health, oip
 from .runtime import GpuRequiredError, LoadCancelledError
 from .web import page

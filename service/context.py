@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import Request
 
 from .config import Settings
-from .inference import InferencePipeline
 from .metrics import Metrics
 from .models.manager import ModelManager
 from .models.sync import RepositorySync
+from .pipeline import InferencePipeline
 
 
 @dataclass(frozen=True)
@@ -43,31 +43,22 @@ class AppContext:
     v2_decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
 
     def readiness(self) -> Readiness:
+        """The one decision whether the server takes traffic: ``/readyz``, ``/v2/health/ready``, gRPC's
+        ``ServerReady`` and ``grpc.health.v1`` all render it. Ready when every configured model is loaded and
+        warmed and the server is not draining; with repository control on, serving nothing by choice (started,
+        nothing loaded and nothing loading: models come by request, Triton's explicit mode) is ready too."""
         m = self.models
         models = [{"name": mv.name, "version": mv.version, "state": mv.state} for mv in m.all_versions()]
         if self.draining:
             reason = "draining: the server is shutting down"
         elif self.startup_error:
             reason = f"start-up failed: {self.startup_error}"
-        elif not m.ready:
+        elif m.ready or (self.settings.repository_control and m.loaded and not m.names() and not m.any_loading()):
+            return Readiness(True, None, models)
+        else:
             loading = not m.loaded or m.any_loading()
             reason = "models are loading and warming up" if loading else "no model is loaded (all were unloaded)"
-        else:
-            return Readiness(True, None, models)
         return Readiness(False, reason, models)
-
-    def explicitly_empty(self) -> bool:
-        """Started, serving nothing, nothing loading, and models come by request (repository control on):
-        ready in Triton's explicit mode."""
-        m = self.models
-        return (
-            self.settings.repository_control
-            and m.loaded
-            and not m.names()
-            and not m.any_loading()
-            and not self.draining
-            and not self.startup_error
-        )
 
     async def drain(self, grace_s: float, quiet_s: float = 1.0) -> bool:
         """Refuse new work and wait for accepted requests to be answered, then for ``quiet_s`` without new

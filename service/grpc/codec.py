@@ -1,6 +1,6 @@
 """``ModelInferRequest`` onto the pipeline and the answer back into a ``ModelInferResponse``.
 
-The request is read as the REST front end reads its JSON (``deepvit.service.oip.inference``): the same input
+The request is read as the REST front end reads its JSON (``deepvit.service.oip.tensors``): the same input
 and output checks, the same classification extension, the same encoded images as ``BYTES``. What differs is
 where the data is: ``raw_input_contents`` (one entry per input, in the order of ``inputs``; numbers
 little-endian, ``BYTES`` elements each prefixed by a 4-byte little-endian length, as Triton's clients write
@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from ..errors import BadRequestError
 from ..models.manager import ModelVersion
 from ..oip.codec import decode_tensor, element_count, serialize_bytes_tensor
-from ..oip.inference import Decoded, Images, ModelIO, output_tensors, the_input, wanted_outputs
 from ..oip.schemas import InferenceRequest, RequestInput
+from ..oip.tensors import Decoded, ModelIO, output_tensors, tensor_inputs, the_input, wanted_outputs
 from .proto import grpc_service_pb2 as pb
 
 
@@ -73,9 +73,7 @@ def decode_request(msg: pb.ModelInferRequest, io: ModelIO, max_images: int) -> D
         tensor = _typed(inp, given.contents)
     else:
         raise BadRequestError(f"input {inp.name!r} has no data: give raw_input_contents or its contents")
-    if isinstance(tensor, list):
-        return Decoded(req, outputs, Images(encoded=tensor))
-    return Decoded(req, outputs, Images(pixels=list(tensor)))
+    return Decoded(req, outputs, tensor_inputs(inp.name, tensor))
 
 
 def _typed(inp: RequestInput, contents: pb.InferTensorContents) -> np.ndarray | list[bytes]:

@@ -22,12 +22,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def serving(ctx: AppContext) -> bool:
-    """What /readyz and ServerReady say: ready, or serving nothing by choice (repository control, Triton's
-    explicit mode)."""
-    return ctx.readiness().ready or ctx.explicitly_empty()
-
-
 class Health(health_aio.HealthServicer):  # type: ignore[misc]  # untyped: see the import
     def __init__(self, ctx: AppContext) -> None:
         super().__init__()
@@ -35,7 +29,7 @@ class Health(health_aio.HealthServicer):  # type: ignore[misc]  # untyped: see t
         self._server_status[SERVICE] = NOT_SERVING
 
     async def update(self) -> None:
-        status = SERVING if serving(self.ctx) else NOT_SERVING
+        status = SERVING if self.ctx.readiness().ready else NOT_SERVING
         for service in ("", SERVICE):
             await self.set(service, status)
 

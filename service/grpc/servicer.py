@@ -34,9 +34,9 @@ from ..errors import (
     ServiceError,
     UnavailableError,
 )
-from ..oip.inference import EXTENSIONS, ModelIO, model_metadata
+from ..oip.tensors import EXTENSIONS, ModelIO, model_metadata
 from .codec import decode_request, encode_answer, parameters
-from .health import SERVICE, serving
+from .health import SERVICE
 from .proto import grpc_service_pb2 as pb
 
 log = logging.getLogger("deepvit.grpc")
@@ -174,7 +174,7 @@ class InferenceServicer:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=serving(self.ctx))
+        return pb.ServerReadyResponse(ready=self.ctx.readiness().ready)
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         version = _version(request.version)
@@ -202,20 +202,12 @@ class InferenceServicer:
 
     # -- inference -----------------------------------------------------------------------------------
     async def model_infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        """The REST ``infer``'s steps: the message is in, so the deadline starts at once, bounded by the
-        caller's gRPC deadline."""
+        """The REST ``infer``'s steps, the request's deadline bounded by the caller's gRPC deadline."""
         ctx = self.ctx
         with ctx.pipeline.begin(request.model_name or None, _version(request.model_version)) as call:
             io = ModelIO.of(call.model)
-            call.received(within_s=context.time_remaining())
-            decoded = await call.offload(decode_request, request, io, ctx.settings.max_images_per_request)
-            call.admit(decoded.count)
-            images = decoded.images
-            if images.encoded is not None:
-                answer = await call.classify([(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)])
-            else:
-                assert images.pixels is not None
-                answer = await call.infer(images.pixels)
+            decoded = await ctx.pipeline.offload(decode_request, request, io, ctx.settings.max_images_per_request)
+            answer = await call.run(decoded.inputs, context.time_remaining())
         _log_fields.get().update(answer.log_fields())
         return encode_answer(decoded, answer.model, io, answer.logits, answer.attention)
 

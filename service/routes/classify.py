@@ -14,6 +14,7 @@ from deepvit.artifact.predictions import top_k as top_k_of
 from ..context import AppContext, get_context
 from ..errors import BadRequestError
 from ..models.manager import ModelVersion
+from ..pipeline import Inputs
 from .responses import error_responses
 from .uploads import IMAGE_REQUEST_BODY, ModelName, ModelVersionNumber, TopK, is_multipart, read_images
 
@@ -85,8 +86,7 @@ async def classify(
     multipart = is_multipart(request)
     with ctx.pipeline.begin(model, version, top_k_check(top_k)) as call:
         blobs = await read_images(request, ctx, multipart)
-        call.received(len(blobs))
-        answer = await call.classify(blobs)
+        answer = await call.run(Inputs(blobs))
     request.state.log.update(answer.log_fields())
     mv = answer.model
     ref = {"name": mv.name, "version": mv.version}

@@ -19,8 +19,8 @@ from deepvit.artifact.predictions import top_k as top_k_of
 
 from ..context import AppContext, get_context
 from ..errors import NotAcceptableError
-from ..inference import Explanation, require_attention
 from ..models.manager import ModelVersion
+from ..pipeline import Explanation, Inputs, require_attention
 from .classify import ModelRef, ScoredClass, top_k_check
 from .responses import error_responses
 from .uploads import IMAGE_REQUEST_BODY, ModelName, ModelVersionNumber, TopK, is_multipart, read_images
@@ -102,8 +102,7 @@ async def explain(
                 f"Accept: image/png answers one image, and the request has {len(blobs)}; "
                 "ask for application/json to have every image's overlay (base64) in one answer"
             )
-        call.received(len(blobs))
-        found = await call.explain(blobs)
+        found = await call.explain(Inputs(blobs))
     request.state.log.update(found.answer.log_fields())
     mv = found.answer.model
     if png:

@@ -4,7 +4,7 @@ Inference goes through the same preprocessing, dynamic batcher and metrics as ``
 request of N images is N batch items). Errors are the service's error tree, so the app's handlers answer them
 as the protocol asks: ``{"error": ...}``; 400 for a shape, datatype or input-name mismatch, 404 for an unknown
 model or version, 503 for one not ready (or being unloaded). How the tensors map onto the model is in
-``deepvit.service.oip.inference``.
+``deepvit.service.oip.tensors``.
 
 Load and unload change what serves, and have no authentication of their own: they answer 403 unless
 ``DEEPVIT_REPOSITORY_CONTROL`` allows them. The index stays readable.
@@ -22,7 +22,6 @@ from pydantic.json_schema import models_json_schema
 from ..context import AppContext, get_context
 from ..errors import BadRequestError, ForbiddenError
 from ..oip.codec import HEADER_LENGTH
-from ..oip.inference import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
 from ..oip.schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -35,6 +34,7 @@ from ..oip.schemas import (
     ServerLive,
     ServerMetadata,
 )
+from ..oip.tensors import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
 from .responses import error_responses
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
@@ -78,10 +78,7 @@ async def server_live() -> ServerLive:
 
 @router.get("/health/ready", summary="200 when every model is loaded and warmed and the server is not draining")
 async def server_ready(ctx: Ctx) -> JSONResponse:
-    """The protocol's ``{"ready": bool}`` (clients read that key), with /readyz's details alongside. With
-    repository control on, no model loaded is ready too (Triton's explicit mode): models come by request."""
-    if ctx.explicitly_empty():
-        return JSONResponse({"ready": True, "status": "ready", "models": []})
+    """The protocol's ``{"ready": bool}`` (clients read that key), with /readyz's details alongside."""
     r = ctx.readiness()
     if r.ready:
         return JSONResponse({"ready": True, "status": "ready", "models": r.models})
@@ -162,24 +159,17 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
-    with ctx.pipeline.begin(name, version) as call:  # 404 and 503 at once; overload before the body is read
+    with ctx.pipeline.begin(name, version) as call:  # 404 and 503 at once, before the body is read
         io = ModelIO.of(call.model)
         body = await request.body()
-        call.received()
         limits = Limits(
             ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request
         )
         encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
         async with ctx.v2_decode_slots:  # a few at a time: decoding costs memory in proportion to the body
-            decoded = await call.offload(decode_request, body, encoding, header_length, io, limits)
+            decoded = await ctx.pipeline.offload(decode_request, body, encoding, header_length, io, limits)
         del body
-        call.admit(decoded.count)
-        images = decoded.images
-        if images.encoded is not None:
-            answer = await call.classify([(f"{io.input_name}[{i}]", b) for i, b in enumerate(images.encoded)])
-        else:
-            assert images.pixels is not None
-            answer = await call.infer(images.pixels)
+        answer = await call.run(decoded.inputs)
     request.state.log.update(answer.log_fields())
     content, headers = encode_answer(
         decoded.request, answer.model, io, answer.logits, decoded.outputs, attention=answer.attention

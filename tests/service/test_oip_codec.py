@@ -19,10 +19,10 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from deepvit.artifact.predictions import softmax
 from deepvit.service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
-from deepvit.service.oip import codec, inference
-from deepvit.service.oip.inference import (
+from deepvit.service.oip import codec, tensors
+from deepvit.service.oip.schemas import InferenceRequest
+from deepvit.service.oip.tensors import (
     Decoded,
-    Images,
     Limits,
     ModelIO,
     WantedOutput,
@@ -33,7 +33,7 @@ from deepvit.service.oip.inference import (
     read_images,
     wanted_outputs,
 )
-from deepvit.service.oip.schemas import InferenceRequest
+from deepvit.service.pipeline import Inputs
 
 CROP = 8
 LABELS = ("cat", "dog", "tabby:cat", "ship", "plane")
@@ -53,7 +53,7 @@ def triton_body(
     return body, None if json_size is None else str(json_size)
 
 
-def read(body: bytes, header_length: str | None, max_images: int = 64) -> tuple[InferenceRequest, Images]:
+def read(body: bytes, header_length: str | None, max_images: int = 64) -> tuple[InferenceRequest, Inputs]:
     head, binary = codec.split_body(body, header_length)
     req = parse_request(head)
     return req, read_images(req, binary, IO, max_images)
@@ -83,7 +83,7 @@ def test_bytes_tensor_from_tritonclient_is_read_exactly(shape: list[int]) -> Non
     inp = th.InferInput("image", shape, "BYTES")
     inp.set_data_from_numpy(np.array(blobs, dtype=np.object_).reshape(shape), binary_data=True)
     _, images = read(*triton_body([inp]))
-    assert images.encoded == blobs
+    assert [b for _, b in images.encoded] == blobs
 
 
 def test_bytes_tensor_in_json_is_base64() -> None:
@@ -100,7 +100,7 @@ def test_bytes_tensor_in_json_is_base64() -> None:
             ]
         }
     ).encode()
-    assert read(body, None)[1].encoded == blobs
+    assert [b for _, b in read(body, None)[1].encoded] == blobs
 
 
 def test_json_data_may_be_nested_or_flat() -> None:
@@ -350,8 +350,8 @@ def test_decode_request_reads_json_and_binary_bodies() -> None:
     for binary in (False, True):
         body, header_length = triton_body([_uint8(x, binary)])
         decoded = _decode(gzip.compress(body), "gzip", header_length)
-        assert decoded.count == 2
-        np.testing.assert_array_equal(np.stack(decoded.images.pixels or []), x)
+        assert decoded.inputs.count == 2
+        np.testing.assert_array_equal(np.stack(decoded.inputs.pixels or []), x)
         assert [(o.name, o.classification) for o in decoded.outputs] == [("logits", 0)]
 
 
@@ -366,7 +366,7 @@ def test_a_json_request_is_held_to_the_json_limit_even_compressed() -> None:
     body, header_length = triton_body([_uint8(x, True)])
     small_json = Limits(max_body_bytes=1_000_000, max_json_body_bytes=400, max_images=4)
     assert len(body) > small_json.max_json_body_bytes
-    assert decode_request(body, None, header_length, IO, small_json).count == 4
+    assert decode_request(body, None, header_length, IO, small_json).inputs.count == 4
     with pytest.raises(PayloadTooLargeError, match="400 limit"):
         decode_request(triton_body([_uint8(x, False)])[0], None, None, IO, small_json)
 
@@ -375,7 +375,7 @@ def test_a_declared_batch_over_the_limit_is_refused_before_parsing(monkeypatch: 
     def never(head: bytes) -> InferenceRequest:
         raise AssertionError("parsed")
 
-    monkeypatch.setattr(inference, "parse_request", never)
+    monkeypatch.setattr(tensors, "parse_request", never)
     for n in ("5", "1000000", "9" * 5000):
         body = f'{{"inputs": [{{"name": "image", "datatype": "UINT8", "shape": [{n}, 8, 8, 3], "data": [0]}}]}}'
         with pytest.raises(PayloadTooLargeError, match="limit is 4"):

@@ -318,7 +318,7 @@ def test_a_slow_upload_holds_up_no_unload_and_is_served_by_the_reloaded_version(
 ) -> None:
     """The version is leased around the inference only: an unload does not wait for a body still arriving
     (it used to, for up to DEEPVIT_REQUEST_TIMEOUT_S), and the request is computed by the version serving
-    under its name once its body is in. With repository control on, no model loaded is still ready (v2)."""
+    under its name once its body is in. With repository control on, no model loaded is still ready."""
     x = pixels(1, seed=21)
     body, header_length = th.InferenceServerClient.generate_request_body([uint8_input(x, True)])
     answer: list[httpx.Response] = []
@@ -342,7 +342,7 @@ def test_a_slow_upload_holds_up_no_unload_and_is_served_by_the_reloaded_version(
     with server.client() as http:
         ready = http.get("/v2/health/ready")
         assert (ready.status_code, ready.json()["ready"]) == (200, True)  # explicit mode: nothing loaded is ready
-        assert http.get("/readyz").status_code == 503  # unchanged
+        assert http.get("/readyz").status_code == 200  # the one readiness: every surface says the same
     client.load_model(MODEL)
     slow.join()
     assert answer[0].status_code == 200, answer[0].text

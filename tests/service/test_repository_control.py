@@ -61,3 +61,45 @@ def test_load_and_unload_wait_for_the_start_up_load(tmp_path: Path, monkeypatch:
         assert r.status_code == 503
         assert "still loading" in r.json()["error"]
         assert r.headers["Retry-After"]
+
+
+@pytest.mark.parametrize(
+    ("control", "draining", "ready"),
+    [(True, False, True), (False, False, False), (True, True, False)],
+    ids=["control-on-nothing-loaded", "control-off-nothing-loaded", "draining"],
+)
+def test_readiness_is_one_decision_every_surface_renders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, control: bool, draining: bool, ready: bool
+) -> None:
+    """/readyz, /v2/health/ready, gRPC's ServerReady and grpc.health.v1 agree: with repository control on and
+    nothing loaded the server is ready (models come by request, Triton's explicit mode); without it, or
+    while draining, none of them says ready."""
+    from grpc_health.v1 import health_pb2
+
+    from deepvit.service.grpc.health import SERVICE, Health
+    from deepvit.service.grpc.proto import grpc_service_pb2 as pb
+    from deepvit.service.grpc.servicer import InferenceServicer
+
+    monkeypatch.setenv("DEEPVIT_REPOSITORY_CONTROL", str(control).lower())
+    app = create_app(Settings(model_repository=tmp_path, providers=["cpu"]))
+    ctx = app.state.ctx
+    ctx.models.loaded = True  # the start-up load finished, with nothing
+    ctx.draining = draining
+
+    async def run() -> tuple[int, httpx.Response, bool, int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            readyz = (await client.get("/readyz")).status_code
+            v2 = await client.get("/v2/health/ready")
+        server_ready = (await InferenceServicer(ctx, "0").server_ready(pb.ServerReadyRequest(), None)).ready
+        health = Health(ctx)
+        await health.update()
+        return readyz, v2, server_ready, health._server_status[SERVICE]
+
+    try:
+        readyz, v2, server_ready, health = asyncio.run(run())
+    finally:
+        ctx.decode_pool.shutdown()
+    assert readyz == v2.status_code == (200 if ready else 503)
+    assert v2.json()["ready"] is ready
+    assert server_ready is ready
+    assert health == (health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)

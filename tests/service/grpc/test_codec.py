@@ -10,7 +10,7 @@ from deepvit.service.errors import BadRequestError, PayloadTooLargeError
 from deepvit.service.grpc.codec import decode_request, parameters
 from deepvit.service.grpc.proto import grpc_service_pb2 as pb
 from deepvit.service.oip.codec import serialize_bytes_tensor
-from deepvit.service.oip.inference import ModelIO
+from deepvit.service.oip.tensors import ModelIO
 
 IO = ModelIO("image", "logits", crop=4, num_classes=3, labels=("a", "b", "c"))
 
@@ -30,10 +30,10 @@ def test_raw_and_typed_contents_give_the_same_pixels() -> None:
     typed_msg = request()
     typed_msg.inputs[0].contents.uint_contents.extend(x.reshape(-1).tolist())
     typed = decode_request(typed_msg, IO, 64)
-    assert raw.images.pixels is not None
-    assert typed.images.pixels is not None
-    np.testing.assert_array_equal(np.stack(raw.images.pixels), x)
-    np.testing.assert_array_equal(np.stack(typed.images.pixels), x)
+    assert raw.inputs.pixels is not None
+    assert typed.inputs.pixels is not None
+    np.testing.assert_array_equal(np.stack(raw.inputs.pixels), x)
+    np.testing.assert_array_equal(np.stack(typed.inputs.pixels), x)
     assert raw.outputs[0].name == "logits"
     assert raw.outputs[0].classification == 0
 
@@ -43,8 +43,9 @@ def test_encoded_images_raw_or_typed() -> None:
     raw = decode_request(request("BYTES", (2,), raw_input_contents=[serialize_bytes_tensor(blobs)]), IO, 64)
     typed_msg = request("BYTES", (2, 1))
     typed_msg.inputs[0].contents.bytes_contents.extend(blobs)
-    assert raw.images.encoded == blobs
-    assert decode_request(typed_msg, IO, 64).images.encoded == blobs
+    assert [b for _, b in raw.inputs.encoded] == blobs
+    assert [b for _, b in decode_request(typed_msg, IO, 64).inputs.encoded] == blobs
+    assert [n for n, _ in raw.inputs.encoded] == ["image[0]", "image[1]"]  # what errors call them
 
 
 def test_the_classification_parameter_as_tritonclient_sends_it() -> None:

@@ -29,6 +29,7 @@ from deepvit.artifact.predictions import softmax
 
 from ..errors import BadRequestError, ConflictError, InferenceError, PayloadTooLargeError
 from ..models.manager import ModelVersion
+from ..pipeline import Inputs
 from .codec import BinaryData, decode_tensor, decompress, encode_response, encode_tensor, split_body
 from .schemas import InferenceRequest, ModelMetadata, Parameters, RequestInput, TensorMetadata
 
@@ -68,14 +69,6 @@ class ModelIO:
 
 
 @dataclass(frozen=True)
-class Images:
-    """What the request's input holds: pixels ready for the batcher, or encoded images to preprocess."""
-
-    pixels: list[np.ndarray] | None = None  # N arrays (crop, crop, 3) uint8
-    encoded: list[bytes] | None = None
-
-
-@dataclass(frozen=True)
 class WantedOutput:
     name: str
     classification: int  # top-k as "score:index:label"; 0: the logits themselves
@@ -94,13 +87,14 @@ class Limits:
 class Decoded:
     request: InferenceRequest
     outputs: list[WantedOutput]
-    images: Images
+    inputs: Inputs  # what the pipeline runs
 
-    @property
-    def count(self) -> int:
-        images = self.images.encoded if self.images.encoded is not None else self.images.pixels
-        assert images is not None
-        return len(images)
+
+def tensor_inputs(name: str, tensor: np.ndarray | list[bytes]) -> Inputs:
+    """The input tensor as the pipeline's inputs: encoded images (named ``input[i]`` in errors) or pixels."""
+    if isinstance(tensor, list):
+        return Inputs(encoded=[(f"{name}[{i}]", b) for i, b in enumerate(tensor)])
+    return Inputs(pixels=list(tensor))
 
 
 _SHAPE_KEY = re.compile(rb'"shape"\s*:\s*\[\s*([0-9]+)')
@@ -169,7 +163,7 @@ def the_input(req: InferenceRequest, io: ModelIO, max_images: int) -> RequestInp
     return inp
 
 
-def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Images:
+def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: int) -> Inputs:
     """The request's one input, checked against the model: name, datatype, shape, data."""
     inp = the_input(req, io, max_images)
     where = f"input {inp.name!r}"
@@ -180,9 +174,7 @@ def read_images(req: InferenceRequest, binary: bytes, io: ModelIO, max_images: i
     chunk = data.take(size, inp.name) if size is not None else None
     data.finish()
     tensor = decode_tensor(inp.name, inp.datatype, inp.shape, inp.data, chunk, json_bytes="base64")
-    if isinstance(tensor, list):
-        return Images(encoded=tensor)
-    return Images(pixels=list(tensor))
+    return tensor_inputs(inp.name, tensor)
 
 
 def _check_shape(inp: RequestInput, io: ModelIO) -> int:

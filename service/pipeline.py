@@ -1,21 +1,21 @@
-"""The one inference pipeline every protocol front end calls (``/classify``, the Open Inference Protocol's
-``infer``), in the manner of kserve's ``DataPlane``: front ends only translate their wire format.
+"""The one request pipeline every protocol front end calls (``/classify``, ``/explain``, the Open Inference
+Protocol's ``infer`` over REST and gRPC), in the manner of kserve's ``DataPlane``: a front end translates its
+wire format into :class:`Inputs` and the pipeline's answer back into its own; everything between is here.
 
-One request's trip, as a :class:`Call`:
+One request's trip:
 
-1. ``with begin(name, version) as call``: resolve the version (404 or 503 at once, no lease yet) and admit one
-   image to the pipeline (:mod:`.admission`: refused at once, before the body is read, when it could not be
-   answered in time) and to the model's queue;
-2. the front end reads its body (a slow upload holds no lease and does not count against the deadline);
-3. ``received(images)``: the deadline starts, the request counts as in flight, and it is admitted again with
-   its image count;
-4. ``decode(blobs)``: the artifact contract's pixel path, in the decode pool, skipping what is left once one
-   image failed;
-5. ``infer(pixels)``: under a lease on the version (an unload waits for it), the batched call, a check that
-   the logits are finite, and the answer; ``explain`` adds each image's attention map drawn over its crop
-   (in the decode pool), for artifacts with the attention output (:func:`require_attention`, a 409 before
-   the body is read, for the others);
-6. leaving the ``with`` block gives the request's images back to admission, whatever happened.
+1. ``with pipeline.begin(name, version, check) as call``: resolve the version (404 or 503 at once, no lease
+   yet) and check the front end's parameters against it (a 400 even on a busy server). Nothing is reserved:
+   the front end reads its body next, and an upload is not work the model does (a body that trickles in, or
+   never arrives, holds no admission capacity; the bytes it holds are the upload budget's business, in the
+   middleware).
+2. ``await call.run(inputs)`` (or ``call.explain(inputs)``), once the body is in: the deadline starts, the
+   request counts in ``deepvit_inflight_requests``, its images are admitted (:mod:`.admission`, once, with
+   their count: refused at once with 503 when they could not be answered in time or the model's queue cannot
+   take them), encoded images are decoded through the artifact contract's pixel path in the decode pool, and
+   the batched call runs under a lease on the version (an unload waits for it). ``explain`` adds each image's
+   attention map drawn over its crop.
+3. Leaving the ``with`` block gives the request's images back to admission, whatever happened.
 
 Errors are translated here, once: the contract's image errors into 400/413, the batcher's queue, expiry and
 closing into 503/504; the runtime raises the service's own ``InferenceError``.
@@ -59,6 +59,19 @@ from .runtime import Prediction
 
 R = TypeVar("R")
 Blob = tuple[str | None, bytes]  # (what the caller calls it: a filename, an input element; the bytes)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a front end took from its wire format: encoded images, each with what the caller calls it, or
+    pixels already at the artifact's input (``uint8 (crop, crop, 3)`` each, the v2 protocol's tensor)."""
+
+    encoded: Sequence[Blob] = ()
+    pixels: Sequence[np.ndarray] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels) if self.pixels is not None else len(self.encoded)
 
 
 @dataclass(frozen=True)
@@ -125,15 +138,17 @@ class InferencePipeline:
 
     def begin(self, name: str | None, version: int | None, check: Callable[[ModelVersion], None] | None = None) -> Call:
         """Resolve the version a request names (the default model and its latest version when it names
-        none), run the front end's ``check`` of its parameters against it (a bad parameter is a 400 even on a
-        busy server), and admit it, before anything of its body is read. Use it as a context manager: leaving
-        the block gives the request's share of the pipeline back."""
+        none) and run the front end's ``check`` of its parameters against it (a bad parameter is a 400 even on
+        a busy server), before anything of its body is read; nothing is reserved yet. Use it as a context
+        manager: leaving the block gives what the request held in the pipeline back."""
         mv = self.models.resolve(name, version)
         if check is not None:
             check(mv)
-        call = Call(self, mv, name, version)
-        call.admit(1)
-        return call
+        return Call(self, mv, name, version)
+
+    async def offload(self, fn: Callable[..., R], *args: Any) -> R:
+        """Blocking work of a request (a front end's body translation, drawing) in the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
 
 class Call:
@@ -163,13 +178,53 @@ class Call:
             p.admission.release(self.reserved, self.completed)
             self.reserved = 0
 
-    def admit(self, images: int) -> None:
-        """Hold ``images`` in all (a request's count, once known), or refuse at once, before reading or
-        decoding anything more: when the pipeline could not answer them in time, or the model's queue cannot
-        take them (a version replaced meanwhile: its successor's batcher says so at submission)."""
-        more = images - self.reserved
-        if more <= 0:
-            return
+    async def run(self, inputs: Inputs, within_s: float | None = None) -> Answer:
+        """The request's inputs in (its body is in), the answer out: admit, decode, infer. ``within_s``: the
+        caller's own deadline (gRPC's), when it is sooner than the server's."""
+        answer, _ = await self._run(inputs, within_s)
+        return answer
+
+    async def explain(self, inputs: Inputs) -> Explanation:
+        """``run``, then each image's attention map drawn over its crop (for a version that passed
+        :func:`require_attention`). The drawing runs in the decode pool once the answer is in; the request's
+        deadline no longer applies, since its work is done."""
+        answer, pixels = await self._run(inputs, None)
+        spec, maps = answer.model.runtime.meta.attention, answer.attention
+        if spec is None or maps is None:  # replaced meanwhile by a version without it
+            require_attention(answer.model)
+        assert spec is not None
+        assert maps is not None
+        attention = list(maps)
+
+        def draw() -> list[bytes]:
+            try:
+                return [overlay_png(crop, att, spec.grid) for crop, att in zip(pixels, attention, strict=True)]
+            except ArtifactError as exc:  # the graph gave a map that is not one: the model's fault
+                raise InferenceError(
+                    f"model {answer.model.name} version {answer.model.version}: {exc.message}"
+                ) from None
+
+        overlays = await self.pipeline.offload(draw)
+        return Explanation(answer, spec.grid, attention, overlays)
+
+    async def _run(self, inputs: Inputs, within_s: float | None) -> tuple[Answer, Sequence[np.ndarray]]:
+        self._start(within_s)
+        self._admit(inputs.count)
+        pixels = inputs.pixels if inputs.pixels is not None else await self._decode(inputs.encoded)
+        return await self._infer(pixels), pixels
+
+    def _start(self, within_s: float | None) -> None:
+        """The body is in: the deadline counts from now (a slow upload is the client's link, not a queue to
+        report), and the request counts in ``deepvit_inflight_requests``."""
+        timeout = self.pipeline.settings.request_timeout_s
+        self.deadline = time.monotonic() + (timeout if within_s is None else min(timeout, within_s))
+        if not self._in_flight:
+            self._in_flight = True
+            self.pipeline.metrics.inflight.inc()
+
+    def _admit(self, images: int) -> None:
+        """Hold ``images`` in admission, or refuse at once, before decoding anything: when the pipeline could
+        not answer them in time, or the model's queue cannot take them."""
         mv = self.model
         if mv.state == "ready" and not mv.batcher.has_capacity(images):
             raise UnavailableError(
@@ -177,31 +232,14 @@ class Call:
                 "waiting); retry shortly",
                 reason="queue_full",
             )
-        self.pipeline.admission.admit(more)
-        self.reserved += more
+        self.pipeline.admission.admit(images)
+        self.reserved += images
 
-    def received(self, images: int | None = None, within_s: float | None = None) -> None:
-        """The body is in: the deadline counts from now (a slow upload is the client's link, not a queue to
-        report), the request counts in ``deepvit_inflight_requests``, and a request of several images is
-        admitted again with its count. ``within_s``: the caller's own deadline (gRPC's), when it is sooner."""
-        timeout = self.pipeline.settings.request_timeout_s
-        self.deadline = time.monotonic() + (timeout if within_s is None else min(timeout, within_s))
-        if not self._in_flight:
-            self._in_flight = True
-            self.pipeline.metrics.inflight.inc()
-        if images is not None:
-            self.admit(images)
-
-    def check_deadline(self, what: str) -> None:
+    def _check_deadline(self, what: str) -> None:
         if time.monotonic() > self.deadline:
             raise DeadlineExceededError(f"the request's deadline passed before {what}; the server is overloaded")
 
-    async def offload(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run blocking work of the request (a front end's body decoding) in the decode pool."""
-        self.check_deadline("it was decoded")
-        return await asyncio.get_running_loop().run_in_executor(self.pipeline.decode_pool, fn, *args)
-
-    async def decode(self, blobs: Sequence[Blob]) -> list[np.ndarray]:
+    async def _decode(self, blobs: Sequence[Blob]) -> list[np.ndarray]:
         """Encoded images → the artifact's input, in the decode pool. The first failure settles the request:
         images not yet started are skipped rather than decoded for an answer that is already an error."""
         p = self.pipeline
@@ -213,7 +251,7 @@ class Call:
             if failed.is_set():
                 raise _SkippedError
             try:
-                self.check_deadline("its image was decoded")  # waited too long for a decode thread
+                self._check_deadline("its image was decoded")  # waited too long for a decode thread
                 t0 = time.perf_counter()
                 try:
                     wait_s = self.deadline - time.monotonic()
@@ -242,7 +280,7 @@ class Call:
             raise res
         return [res for res in results if isinstance(res, np.ndarray)]
 
-    async def infer(self, pixels: Sequence[np.ndarray] | np.ndarray) -> Answer:
+    async def _infer(self, pixels: Sequence[np.ndarray]) -> Answer:
         """The batched call under a lease, from submission until the answer is in: if the version was replaced
         while the body came in, what the request names now answers, provided it takes the same input."""
         p = self.pipeline
@@ -274,35 +312,6 @@ class Call:
         p.metrics.images.labels(mv.name).inc(len(preds))  # classified: the request has its answers
         self.completed = True
         return Answer(mv, preds)
-
-    async def classify(self, blobs: Sequence[Blob]) -> Answer:
-        """Encoded images in, an answer out: decode, then infer."""
-        return await self.infer(await self.decode(blobs))
-
-    async def explain(self, blobs: Sequence[Blob]) -> Explanation:
-        """Encoded images in, the answer with each image's attention map and heat map out (for a version
-        that passed :func:`require_attention`). The drawing runs in the decode pool once the answer is in;
-        the request's deadline no longer applies, since its work is done."""
-        pixels = await self.decode(blobs)
-        answer = await self.infer(pixels)
-        spec, maps = answer.model.runtime.meta.attention, answer.attention
-        if spec is None or maps is None:  # replaced meanwhile by a version without it
-            require_attention(answer.model)
-        assert spec is not None
-        assert maps is not None
-        attention = list(maps)
-
-        def draw() -> list[bytes]:
-            try:
-                return [overlay_png(crop, att, spec.grid) for crop, att in zip(pixels, attention, strict=True)]
-            except ArtifactError as exc:  # the graph gave a map that is not one: the model's fault
-                raise InferenceError(
-                    f"model {answer.model.name} version {answer.model.version}: {exc.message}"
-                ) from None
-
-        loop = asyncio.get_running_loop()
-        overlays = await loop.run_in_executor(self.pipeline.decode_pool, draw)
-        return Explanation(answer, spec.grid, attention, overlays)
 
 
 class _SkippedError(Exception):
