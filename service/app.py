@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .bodies import BodyBudget
+from .budget import MemoryBudget, MemoryBudgetError
 from .config import Settings
 from .context import AppContext
 from .errors import ArtifactError, DeadlineExceededError, ServiceError, UnavailableError
@@ -81,7 +83,8 @@ def create_app(
     """Build the app. Models load in the background after start-up, so /livez answers at once and
     /readyz says 503 until every model is loaded and warmed. A start-up failure calls ``on_fatal``."""
     metrics = metrics or Metrics()
-    manager = manager or ModelManager(settings, metrics)
+    budget = MemoryBudget.for_settings(settings)  # the process as it is before any model (service/budget.py)
+    manager = manager or ModelManager(settings, metrics, budget=budget)
     pool = ThreadPoolExecutor(
         max_workers=settings.decode_threads or (os.cpu_count() or 2),
         thread_name_prefix="decode",
@@ -95,14 +98,18 @@ def create_app(
         decode_pool=pool,
         repository=repository,
         pipeline=InferencePipeline(settings, manager, metrics, pool),
+        bodies=BodyBudget(budget.upload_bound, settings.max_uploads),
+        budget=budget,
     )
+    _observe_memory(ctx)
 
     async def load() -> None:
         try:
+            budget.check_start()
             await manager.load_repository()
         except LoadCancelledError as exc:  # SIGTERM during start-up: a clean exit, not a failed start
             log.info("%s", exc, extra={"event": "startup_cancelled"})
-        except (ArtifactError, GpuRequiredError) as exc:
+        except (ArtifactError, GpuRequiredError, MemoryBudgetError) as exc:
             ctx.startup_error = str(exc)
             log.critical("start-up failed: %s", exc, extra={"event": "startup_failed"})
             if on_fatal is not None:
@@ -147,6 +154,16 @@ def create_app(
     app.add_middleware(RequestMiddleware, ctx=ctx)
     _document_raw_bodies(app)
     return app
+
+
+def _observe_memory(ctx: AppContext) -> None:
+    """The upload budget and the memory budget as gauges, read at each scrape."""
+    m, budget = ctx.metrics, ctx.budget
+    m.upload_bytes.set_function(lambda: ctx.bodies.held_bytes)
+    m.uploads_in_transit.set_function(lambda: ctx.bodies.in_transit)
+    m.memory_limit.set(budget.limit or 0)
+    for part in ("process", "sessions", "decode", "uploads"):
+        m.memory_budget.labels(part).set_function(functools.partial(lambda p: budget.parts()[p], part))
 
 
 def _document_raw_bodies(app: FastAPI) -> None:

@@ -107,6 +107,20 @@ class Settings(BaseSettings):
 
     # Input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest request body")
+    max_upload_bytes: int = Field(
+        0,
+        ge=0,
+        description="bytes request bodies may hold at once, over all requests, reserved from their Content-Length "
+        "before they are read (then 503); 0: an eighth of the memory limit, between the largest body and 512 MiB "
+        "(256 MiB where no limit is known)",
+    )
+    max_uploads: int = Field(256, ge=1, description="request bodies in transit at once (then 503)")
+    memory_limit_bytes: int = Field(
+        0,
+        ge=0,
+        description="memory the process may hold, which the memory budget must fit (0: the container's limit, "
+        "from its cgroup; none: the budget is reported, not enforced)",
+    )
     max_json_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="largest JSON of a /v2 inference request, decompressed (JSON tensors)"
     )
@@ -170,6 +184,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_decode_memory_bytes ({self.max_decode_memory_bytes}) must hold the largest image allowed: "
                 f"8 bytes x max_image_pixels ({self.max_image_pixels}) = {8 * self.max_image_pixels}"
+            )
+        if self.max_upload_bytes and self.max_upload_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_upload_bytes ({self.max_upload_bytes}) must hold the largest body allowed "
+                f"(max_body_bytes, {self.max_body_bytes})"
             )
         if self.max_queue_size < max(self.max_batch_size, self.max_images_per_request):
             raise ValueError(

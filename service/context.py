@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
+from .bodies import BodyBudget
+from .budget import MemoryBudget
 from .config import Settings
 from .metrics import Metrics
 from .models.manager import ModelManager
@@ -34,6 +36,8 @@ class AppContext:
     decode_pool: ThreadPoolExecutor
     repository: RepositorySync  # polling and explicit load/unload over ``models``
     pipeline: InferencePipeline  # the one request pipeline every front end calls
+    bodies: BodyBudget  # the bytes and count of request bodies (service/bodies.py)
+    budget: MemoryBudget  # what the process may hold (service/budget.py)
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (probes included)
     last_arrival: float = field(default_factory=time.monotonic)  # of a request other than a probe

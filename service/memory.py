@@ -47,8 +47,8 @@ def configure_allocator() -> bool:
     return ok
 
 
-def release_after_decode(held_bytes: int) -> None:
-    """After a decode that held ``held_bytes``: trim the heaps when it was large."""
+def trim_after(held_bytes: int) -> None:
+    """After a decode or a request body that held ``held_bytes``: trim the heaps when it was large."""
     if held_bytes >= TRIM_AFTER_BYTES:
         libc = _glibc()
         if libc is not None:

@@ -142,5 +142,22 @@ class Metrics:
             registry=r,
         )
 
+        # Request bodies (service/bodies.py) and the memory budget (service/budget.py), read at each scrape.
+        self.upload_bytes = Gauge(
+            "deepvit_upload_bytes", "Bytes reserved by request bodies being uploaded or still in use", registry=r
+        )
+        self.uploads_in_transit = Gauge(
+            "deepvit_uploads_in_transit", "Request bodies not yet wholly received", registry=r
+        )
+        self.memory_budget = Gauge(
+            "deepvit_memory_budget_bytes",
+            "The memory budget's parts (process, sessions, decode, uploads); their sum must fit the limit",
+            ["part"],
+            registry=r,
+        )
+        self.memory_limit = Gauge(
+            "deepvit_memory_limit_bytes", "The memory limit the budget is checked against (0: none known)", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,6 @@ in time, the count of requests a drain waits for, unexpected errors, HTTP metric
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -15,7 +14,10 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .bodies import Body
 from .errors import PayloadTooLargeError, RequestTimeoutError, UnavailableError
+from .memory import trim_after
+from .refusals import error_messages, is_inference
 
 if TYPE_CHECKING:
     from .context import AppContext
@@ -25,22 +27,11 @@ log = logging.getLogger("deepvit.app")
 
 # Probes and scrapes keep answering while the server drains; everything else gets 503.
 _ALWAYS_SERVED = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
-# The routes that run a model (and the v2 ".../infer" paths): admission refuses them before routing.
-_INFERENCE_PATHS = frozenset({"/classify", "/explain"})
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The method label is bounded: anything else is "other" (h11 accepts any token as a method).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 # nginx's code for "the client closed the connection before the answer": not a server error.
 CLIENT_CLOSED = 499
-
-
-def _json_messages(status: int, error: str, extra_headers: list[tuple[bytes, bytes]]) -> list[Message]:
-    body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
-    return [
-        {"type": "http.response.start", "status": status, "headers": headers},
-        {"type": "http.response.body", "body": body},
-    ]
 
 
 class RequestMiddleware:
@@ -89,11 +80,12 @@ class RequestMiddleware:
         async def reply(code: int, error: str, reason: str | None, extra: list[tuple[bytes, bytes]]) -> None:
             if reason:
                 ctx.metrics.rejected.labels(reason).inc()
-            for m in _json_messages(code, error, extra):
+            for m in error_messages(code, error, extra):
                 await send_wrapper(m)
 
         path: str = scope["path"]
         probe = path in _ALWAYS_SERVED
+        upload: Body | None = None  # this request's share of the upload budget, once its body is to be read
         limit = ctx.settings.max_body_bytes
         try:
             if not probe:
@@ -105,27 +97,35 @@ class RequestMiddleware:
                     503, "the server is shutting down; retry on another replica", "draining", [(b"retry-after", b"1")]
                 )
                 return
-            if scope["method"] == "POST" and (path in _INFERENCE_PATHS or path.endswith("/infer")):
-                # Overloaded: refused here, before routing and before a byte of the body is read; under three
-                # times the capacity this is most requests, so it must cost next to nothing.
+            if is_inference(scope["method"], path):
+                # Overloaded: refused before routing and before a byte of the body is read (under uvicorn the
+                # HTTP protocol refuses earlier still: service/refusals.py).
                 try:
                     ctx.pipeline.admission.check()
                 except UnavailableError as exc:
                     await reply(503, exc.message, exc.reason, [(b"retry-after", str(exc.retry_after_s).encode())])
                     return
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            length = int(declared) if declared is not None and declared.isdigit() else None
+            if length is not None and length > limit:
                 close_connection = True  # the body stays unread
-                await reply(
-                    413, f"the body is {int(declared):,} bytes; the limit is {limit:,} bytes", "body_too_large", []
-                )
+                await reply(413, f"the body is {length:,} bytes; the limit is {limit:,} bytes", "body_too_large", [])
                 return
+            if length or b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+                # Uploads are bounded process-wide (service/bodies.py): refused here, before a byte is read.
+                try:
+                    upload = ctx.bodies.begin(length)
+                except UnavailableError as exc:
+                    close_connection = True  # the body stays unread
+                    await reply(503, exc.message, exc.reason, [(b"retry-after", str(exc.retry_after_s).encode())])
+                    return
             received = 0
             body_done = False
             body_deadline = time.monotonic() + ctx.settings.body_timeout_s
 
             async def receive_capped() -> Message:
-                """The body, capped in size and in time: a client trickling it in is cut off (408)."""
+                """The body, capped in size and in time (a client trickling it in is cut off: 408 and the
+                connection closed), and counted in the upload budget as it arrives."""
                 nonlocal received, close_connection, body_done
                 if body_done:
                     return await receive()  # after the body: a disconnect, whenever it comes
@@ -144,8 +144,16 @@ class RequestMiddleware:
                         close_connection = True
                         ctx.metrics.rejected.labels("body_too_large").inc()
                         raise PayloadTooLargeError(f"the body is over the limit of {limit:,} bytes")
+                    if upload is not None:
+                        try:
+                            upload.received(received)  # a chunked body reserves as it arrives
+                        except UnavailableError:
+                            close_connection = True
+                            raise
                 else:
                     body_done = True
+                if body_done and upload is not None:
+                    upload.arrived()
                 return message
 
             ctx.inflight += 1  # what a drain waits for (the inflight gauge counts in the pipeline, bodies in)
@@ -163,6 +171,9 @@ class RequestMiddleware:
             finally:
                 ctx.inflight -= 1
         finally:
+            if upload is not None:
+                upload.release()
+                trim_after(upload.reserved)  # a large body's chunks fragment the heap
             elapsed = time.perf_counter() - started
             route = self._route_label(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"

@@ -52,7 +52,7 @@ from .errors import (
     ServiceError,
     UnavailableError,
 )
-from .memory import release_after_decode
+from .memory import trim_after
 from .metrics import Metrics
 from .models.manager import ModelManager, ModelVersion
 from .runtime import Prediction
@@ -130,7 +130,7 @@ class InferencePipeline:
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
-        self.decode_memory = DecodeMemory(settings.max_decode_memory_bytes, on_release=release_after_decode)
+        self.decode_memory = DecodeMemory(settings.max_decode_memory_bytes, on_release=trim_after)
         self.admission = a = Admission(settings.admission_wait_s, settings.max_pending_images)
         metrics.pending_images.set_function(lambda: a.pending)
         metrics.estimated_wait.set_function(lambda: a.estimated_wait_s(1))

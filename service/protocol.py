@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with a deadline on each request's head (request line and headers).
+"""uvicorn's HTTP protocol with a deadline on each request's head (request line and headers), and the
+refusal of inference requests that admission would refuse, before the app (:mod:`.refusals`).
 
 uvicorn times out an idle kept-alive connection, but not a request whose head trickles in, nor a connection
 that never sends a byte: a client sending one byte a second ("slowloris") holds a connection, a file
@@ -16,11 +17,18 @@ import asyncio
 import json
 from collections.abc import Callable
 
+import httptools
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+Refuse = Callable[[str, str], ASGIApp | None]  # (method, path) -> an ASGI callable that answers instead of the app
 
-def head_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None]) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, with the head deadline and ``on_timeout`` called for each cut-off."""
+
+def http_protocol(
+    timeout_s: float, on_timeout: Callable[[], None], refuse: Refuse | None = None
+) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, with the head deadline (``on_timeout`` called for each cut-off) and
+    ``refuse`` asked, once a head is parsed, whether something else answers the request than the app."""
 
     class HeadTimeoutProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
@@ -35,7 +43,19 @@ def head_timeout_protocol(timeout_s: float, on_timeout: Callable[[], None]) -> t
 
         def on_headers_complete(self) -> None:
             self._cancel_head_timer()
-            super().on_headers_complete()
+            answer = None
+            if refuse is not None and not self.parser.should_upgrade():
+                path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+                answer = refuse(self.parser.get_method().decode("ascii", "replace"), path)
+            if answer is None:
+                super().on_headers_complete()
+                return
+            # As uvicorn answers past its concurrency limit: this request's cycle runs ``answer``, not the app.
+            app, self.app = self.app, answer
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()

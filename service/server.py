@@ -25,7 +25,8 @@ from .config import Settings
 from .context import AppContext
 from .grpc.server import GrpcServer, address
 from .memory import configure_allocator, freeze_startup_objects
-from .protocol import head_timeout_protocol
+from .protocol import http_protocol
+from .refusals import Refusals
 
 log = logging.getLogger("deepvit.server")
 
@@ -126,7 +127,11 @@ def run(settings: Settings) -> int:
     rejected = app.state.ctx.metrics.rejected
     config = uvicorn.Config(
         app,
-        http=head_timeout_protocol(settings.header_timeout_s, lambda: rejected.labels("header_timeout").inc()),
+        http=http_protocol(
+            settings.header_timeout_s,
+            lambda: rejected.labels("header_timeout").inc(),
+            Refusals(app.state.ctx).check,  # service/refusals.py: overload answered before the app
+        ),
         host=settings.host,
         port=settings.port,
         backlog=settings.listen_backlog,

@@ -31,6 +31,7 @@ import numpy as np
 from deepvit.artifact import ArtifactError
 
 from ..batcher import Batcher
+from ..budget import MemoryBudget, MemoryBudgetError, resident_bytes
 from ..config import Settings
 from ..errors import BadRequestError, NotFoundError, UnavailableError
 from ..memory import lower_thread_priority
@@ -105,9 +106,11 @@ class ModelManager:
         settings: Settings,
         metrics: Metrics,
         runtime_factory: Callable[[Path, Settings], ModelRuntime] = ModelRuntime,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.budget = budget  # each version's sessions are measured into it at load (service/budget.py)
         self.loaded = False  # the start-up load has finished
         self._runtime_factory = runtime_factory
         self._versions: dict[str, dict[int, ModelVersion]] = {}
@@ -276,11 +279,14 @@ class ModelManager:
             self.metrics.model_ready.labels(name, str(version)).set(0)
         try:
             signature = artifact_signature(path)
+            before = resident_bytes()
             mv = await asyncio.to_thread(self._build, name, version, path)
+            if self.budget is not None:  # what its sessions hold, warmed: a version that does not fit fails
+                self.budget.add_version(name, version, max(0, resident_bytes() - before))
         except LoadCancelledError:
             raise  # not the file's fault: nothing to record
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+            reason = str(exc) if isinstance(exc, ArtifactError | MemoryBudgetError) else f"{type(exc).__name__}: {exc}"
             self._failures[(name, version)] = LoadFailure(reason, signature)
             self.metrics.model_load_failures.labels(name, str(version)).inc()
             raise
@@ -370,6 +376,8 @@ class ModelManager:
                 self.metrics.max_batch_size.remove(mv.name, str(mv.version))
             with contextlib.suppress(KeyError):
                 self.metrics.instances.remove(mv.name, str(mv.version))
+            if self.budget is not None:
+                self.budget.remove_version(mv.name, mv.version)
         if successor is None or _info_labels(successor) != _info_labels(mv):
             with contextlib.suppress(KeyError):
                 self.metrics.model_info.remove(*_info_labels(mv))

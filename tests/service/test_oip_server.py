@@ -323,9 +323,12 @@ def test_a_slow_upload_holds_up_no_unload_and_is_served_by_the_reloaded_version(
     body, header_length = th.InferenceServerClient.generate_request_body([uint8_input(x, True)])
     answer: list[httpx.Response] = []
 
+    started, reloaded = threading.Event(), threading.Event()
+
     def chunks() -> Iterator[bytes]:
         yield body[:10]
-        time.sleep(3)
+        started.set()
+        reloaded.wait(60)  # the rest of the body once the model has been unloaded and loaded again
         yield body[10:]
 
     def upload() -> None:
@@ -335,7 +338,7 @@ def test_a_slow_upload_holds_up_no_unload_and_is_served_by_the_reloaded_version(
 
     slow = threading.Thread(target=upload)
     slow.start()
-    time.sleep(0.5)
+    assert started.wait(30)
     t0 = time.monotonic()
     client.unload_model(MODEL)
     assert time.monotonic() - t0 < 2
@@ -344,6 +347,7 @@ def test_a_slow_upload_holds_up_no_unload_and_is_served_by_the_reloaded_version(
         assert (ready.status_code, ready.json()["ready"]) == (200, True)  # explicit mode: nothing loaded is ready
         assert http.get("/readyz").status_code == 200  # the one readiness: every surface says the same
     client.load_model(MODEL)
+    reloaded.set()
     slow.join()
     assert answer[0].status_code == 200, answer[0].text
     length = answer[0].headers.get("Inference-Header-Content-Length")

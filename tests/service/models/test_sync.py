@@ -399,6 +399,8 @@ def test_draining_stops_polling_and_loads(tmp_path: Path) -> None:
             decode_pool=None,  # type: ignore[arg-type]
             repository=repo,
             pipeline=None,  # type: ignore[arg-type]
+            bodies=None,  # type: ignore[arg-type]
+            budget=None,  # type: ignore[arg-type]
         )
         poller = asyncio.create_task(repo.poll_forever(0.01))
         while served(manager) != {"m": [1]}:
