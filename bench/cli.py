@@ -50,6 +50,27 @@ def register(sub: Any) -> None:
         action="store_true",
         help="instead: DEEPVIT_JPEG_DRAFT's decoding time and fidelity on each photograph (see bench/jpeg_draft.py)",
     )
+    p.add_argument(
+        "--slow-clients",
+        action="store_true",
+        help="instead: slow bodies and slow heads beside a normal client (see bench/hostile.py)",
+    )
+    p.add_argument(
+        "--upload-flood",
+        action="store_true",
+        help="instead: many large uploads at once, the server's memory and answers (see bench/hostile.py)",
+    )
+    p.add_argument("--slow", type=int, default=100, help="slow bodies, and as many slow heads (--slow-clients)")
+    p.add_argument(
+        "--slow-seconds", type=float, default=30.0, help="length of the normal client's run (--slow-clients)"
+    )
+    p.add_argument("--uploads", type=int, default=160, help="uploads at once (--upload-flood)")
+    p.add_argument("--upload-bytes", type=int, default=19_000_000, help="size of each upload (--upload-flood)")
+    p.add_argument(
+        "--server-tree",
+        type=Path,
+        help="run the server from this source tree (another checkout, for a before and after; --overload)",
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -58,6 +79,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _overload(args)
     if args.decode_memory:
         return _decode_memory(args)
+    if args.slow_clients or args.upload_flood:
+        return _hostile(args)
     if args.jpeg_draft:
         return _jpeg_draft(args)
     if args.attention_cost:
@@ -130,14 +153,22 @@ def _overload(args: argparse.Namespace) -> int:
 
     (name, _), photo = _served_model(args), _photos(args)[0]
     result = run_overload(
-        args.model_repository, name, photo, args.factor, args.overload_seconds, args.deadline, log=None
+        args.model_repository,
+        name,
+        photo,
+        args.factor,
+        args.overload_seconds,
+        args.deadline,
+        log=None,
+        server_tree=args.server_tree,
     )
     heading = f"{name}: {args.factor:g}x capacity for {args.overload_seconds:g} s, open loop"
     subtitle = (
         f"photo {photo.name} ({photo.stat().st_size / 1024:.0f} KB) · DEEPVIT_REQUEST_TIMEOUT_S={args.deadline:g}, "
         "DEEPVIT_MAX_QUEUE_SIZE=64; the load generator runs on the same machine"
     )
-    return _publish(args, "overload", f"{name}-overload.md", heading, subtitle, result.render())
+    suffix = "" if args.factor == 3 else f"-{args.factor:g}x"
+    return _publish(args, "overload", f"{name}-overload{suffix}.md", heading, subtitle, result.render())
 
 
 def _decode_memory(args: argparse.Namespace) -> int:
@@ -148,6 +179,21 @@ def _decode_memory(args: argparse.Namespace) -> int:
     heading = f"{name}: images whose headers lie about their size"
     subtitle = f"made from {photo.name}, the server's default settings"
     return _publish(args, "decode-memory", f"{name}-decode-memory.md", heading, subtitle, result.render())
+
+
+def _hostile(args: argparse.Namespace) -> int:
+    from .hostile import run_slow_clients, run_upload_flood
+
+    (name, _), photo = _served_model(args), _photos(args)[0]
+    if args.slow_clients:
+        slow = run_slow_clients(args.model_repository, name, photo, args.slow, args.slow_seconds)
+        heading = f"{name}: {args.slow} slow bodies and {args.slow} slow heads beside a normal client"
+        subtitle = f"photo {photo.name}, the server's default settings; the clients run on the same machine"
+        return _publish(args, "slow-clients", f"{name}-slow-clients.md", heading, subtitle, slow.render())
+    flood = run_upload_flood(args.model_repository, name, photo, args.uploads, args.upload_bytes)
+    heading = f"{name}: {args.uploads} uploads of {args.upload_bytes / 1e6:g} MB at once"
+    subtitle = f"made from {photo.name}, the server's default settings; the clients run on the same machine"
+    return _publish(args, "upload-flood", f"{name}-upload-flood.md", heading, subtitle, flood.render())
 
 
 def _jpeg_draft(args: argparse.Namespace) -> int:

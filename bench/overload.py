@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .openloop import Record, read_csv
 from .report import key_value_table, percentile_ms
-from .server import free_port, rss_mib, serve, stop, wait_ready
+from .server import free_port, loop_cpu_s, rss_mib, serve, stop, wait_ready
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Overload:
     refused_with_retry_after: int
     generator_lag_p99_ms: float
     failed: collections.Counter[str]  # requests without an answer, by why
+    loop_ms_per_request: float  # the event loop's CPU per request at capacity (closed loop)
+    loop_ms_per_refusal: float  # under overload, what is left of its CPU after the accepted ones, per refusal
 
     def render(self) -> str:
         total = sum(self.statuses.values())
@@ -78,6 +80,11 @@ class Overload:
             (
                 "/livez p99 / max",
                 f"{self.probe_p99_ms:,.1f} / {self.probe_max_ms:,.1f} ms, {self.probe_failures} failed",
+            ),
+            (
+                "event loop CPU per request at capacity / per refusal",
+                f"{self.loop_ms_per_request:.3f} / {self.loop_ms_per_refusal:.3f} ms (its thread's CPU time; a "
+                "refusal's is what the overload's leaves after the accepted requests at capacity's cost)",
             ),
             ("RSS, second 10 → end", f"{self.rss_start_mib:,.0f} → {self.rss_end_mib:,.0f} MiB ({growth:+.1%})"),
             ("one request after the load", f"{self.after_ms:,.1f} ms"),
@@ -125,15 +132,18 @@ def run_overload(
     duration_s: float = 60.0,
     deadline_s: float = 2.0,
     log: Path | None = None,
+    server_tree: Path | None = None,
 ) -> Overload:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"DEEPVIT_REQUEST_TIMEOUT_S": f"{deadline_s:g}", "DEEPVIT_MAX_QUEUE_SIZE": "64"}
-    proc = serve(repository, model, port, log, env)
+    proc = serve(repository, model, port, log, env, cwd=server_tree)
     try:
         wait_ready(url, proc)
         _hey(["-z", "2s", "-c", "8"], url + "/classify", photo)  # warms connections and the estimate
+        loop_before = loop_cpu_s(proc.pid)
         closed = _hey(["-z", "10s", "-c", "8"], url + "/classify", photo)
+        loop_per_request = (loop_cpu_s(proc.pid) - loop_before) / max(1, len(closed))
         ok = [r for r in closed if r["status-code"] == "200"]
         capacity = len(ok) / max(float(r["offset"]) + float(r["response-time"]) for r in ok)
         offered = factor * capacity
@@ -164,7 +174,9 @@ def run_overload(
         threads = [threading.Thread(target=probe, daemon=True), threading.Thread(target=sample_rss, daemon=True)]
         for t in threads:
             t.start()
+        loop_before = loop_cpu_s(proc.pid)
         records = _open_loop(url + "/classify", offered, duration_s, photo)
+        loop_overload = loop_cpu_s(proc.pid) - loop_before
         done.set()
         for t in threads:
             t.join(5)
@@ -206,4 +218,6 @@ def run_overload(
         refused_with_retry_after=sum(r.retry_after for r in refused),
         generator_lag_p99_ms=percentile_ms([r.lag for r in records if r.status >= 0], 99),
         failed=failed,
+        loop_ms_per_request=loop_per_request * 1000,
+        loop_ms_per_refusal=max(0.0, loop_overload - len(accepted) * loop_per_request) / max(1, len(refused)) * 1000,
     )

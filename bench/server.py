@@ -3,6 +3,7 @@ resident memory. Every benchmark that drives a real server goes through here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -39,6 +41,20 @@ def serve(
     settings = {"DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model, **(env or {})}
     cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
     return start(cmd, {**os.environ, **settings}, log, cwd)
+
+
+@contextlib.contextmanager
+def ready_server(
+    repository: Path, model: str, log: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``deepvit serve`` on a free port, ready; stopped (drained) at the end. Yields the process and port."""
+    port = free_port()
+    proc = serve(repository, model, port, log, env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        yield proc, port
+    finally:
+        stop(proc)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
@@ -71,3 +87,10 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds the process's main thread (uvicorn's event loop) has used: its HTTP parsing, routing,
+    middleware and answers, without the decode and inference threads."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
