@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import time
@@ -38,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 log = logging.getLogger("deepvit.batcher")
 
@@ -81,16 +82,24 @@ class _NullObserver:
         pass
 
 
+class Stage(enum.IntEnum):
+    """An item's way through the batcher, in order."""
+
+    QUEUED = 0
+    DISPATCHED = 1  # taken from the queue into a batch, for an instance (which may still be busy)
+    STARTED = 2  # its instance began computing it
+
+
 @dataclass(eq=False)
 class _Entry(Generic[T, R]):
     item: T
     deadline: float
     enqueued: float
     future: asyncio.Future[R]
-    dispatched: bool = False  # taken from the queue, for an instance (which may still be busy)
-    started: bool = False  # its instance began computing it (set on that instance's thread)
-    given_up: bool = False  # its caller no longer waits: an instance that has not started it skips it
-    expired: bool = False  # its deadline passed before it was computed
+    stage: Stage = Stage.QUEUED  # how far it got (STARTED is set on its instance's thread)
+    # Why it ends without an answer: "expired" (its deadline passed before it was computed) or "abandoned"
+    # (its caller no longer waits); either way an instance that has not started it skips it.
+    outcome: Literal["", "expired", "abandoned"] = ""
     alone: bool = False  # submitted with nothing else in the caller's pipeline: the solo function may take it
 
 
@@ -179,10 +188,10 @@ class Batcher(Generic[T, R]):
         self._on_done(entry)
 
     def _on_done(self, entry: _Entry[T, R]) -> None:
-        if not entry.dispatched:  # expired or abandoned while queued
+        if entry.stage is Stage.QUEUED:  # expired or abandoned while queued
             self._waiting -= 1
             self._observer.queue_depth(self._waiting)
-        if entry.expired and not entry.started:
+        if entry.outcome == "expired" and entry.stage < Stage.STARTED:
             self._observer.expired(self._clock() - entry.enqueued)
 
     # -- submitting -----------------------------------------------------------------------------
@@ -213,8 +222,9 @@ class Batcher(Generic[T, R]):
             now = self._clock()
             for e in entries:  # the caller gave up (deadline, error, disconnect): don't compute the rest
                 if not e.future.done():
-                    e.expired = not e.started and now >= e.deadline  # the request's other images expired too
-                    e.given_up = True
+                    # Its request's other images expired (this one too, unless computing), or the caller left.
+                    expired = e.stage < Stage.STARTED and now >= e.deadline
+                    e.outcome = "expired" if expired else "abandoned"
                     e.future.cancel()
                 elif not e.future.cancelled():
                     e.future.exception()  # retrieved, so asyncio does not log it as never retrieved
@@ -224,9 +234,9 @@ class Batcher(Generic[T, R]):
         try:
             return await asyncio.wait_for(asyncio.shield(entry.future), timeout=max(timeout, 0))
         except TimeoutError:  # asyncio's own since Python 3.11 (hence requires-python)
-            if entry.started:  # already computing: its answer is moments away, so take it
+            if entry.stage is Stage.STARTED:  # already computing: its answer is moments away, so take it
                 return await entry.future
-            entry.expired = entry.given_up = True
+            entry.outcome = "expired"
             entry.future.cancel()
             raise ExpiredError(
                 f"the request's deadline passed after {self._clock() - entry.enqueued:.3f}s in the queue"
@@ -310,7 +320,7 @@ class Batcher(Generic[T, R]):
 
     @staticmethod
     def _expire(e: _Entry[T, R]) -> None:
-        e.expired = True
+        e.outcome = "expired"
         e.future.set_exception(ExpiredError("the request's deadline passed while queued"))
 
     def _live_head(self) -> bool:
@@ -336,7 +346,7 @@ class Batcher(Generic[T, R]):
             if e.deadline <= now:  # expired while queued: never computed
                 self._expire(e)
                 continue
-            e.dispatched = True
+            e.stage = Stage.DISPATCHED
             self._waiting -= 1
             batch.append(e)
         self._observer.queue_depth(self._waiting)
@@ -360,15 +370,15 @@ class Batcher(Generic[T, R]):
             started = clock()
             for i in instances:
                 self._running_since[i] = started  # read by the event loop, written before the compute
-            wanted = [e for e in batch if not e.given_up and e.deadline > started]
+            wanted = [e for e in batch if not e.outcome and e.deadline > started]
             for e in wanted:
-                e.started = True
+                e.stage = Stage.STARTED
             return wanted, predict([e.item for e in wanted]) if wanted else []
 
         try:
             computed, results = await loop.run_in_executor(self._threads[instances[0]], run)
             for e in batch:
-                if not e.started and not e.future.done():  # expired behind the batch before it
+                if e.stage < Stage.STARTED and not e.future.done():  # expired behind the batch before it
                     self._expire(e)
             batch = computed
             if len(results) != len(batch):
@@ -380,7 +390,7 @@ class Batcher(Generic[T, R]):
             for e in batch:
                 if e.future.done():
                     continue
-                if e.started:
+                if e.stage is Stage.STARTED:
                     e.future.set_exception(exc)  # every item of the batch fails with what failed it
                 else:
                     self._expire(e)  # skipped (expired behind the batch before it), then predict failed

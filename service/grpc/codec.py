@@ -19,10 +19,11 @@ from google.protobuf.message import Message
 from pydantic import ValidationError
 
 from ..errors import BadRequestError
+from ..models.io import ModelIO
 from ..models.manager import ModelVersion
 from ..oip.codec import decode_tensor, element_count, serialize_bytes_tensor
 from ..oip.schemas import InferenceRequest, RequestInput
-from ..oip.tensors import Decoded, ModelIO, output_tensors, tensor_inputs, the_input, wanted_outputs
+from ..oip.tensors import Decoded, output_tensors, tensor_inputs, the_input, wanted_outputs
 from .proto import grpc_service_pb2 as pb
 
 

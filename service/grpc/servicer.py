@@ -34,7 +34,7 @@ from ..errors import (
     ServiceError,
     UnavailableError,
 )
-from ..oip.tensors import EXTENSIONS, ModelIO, model_metadata
+from ..oip.tensors import EXTENSIONS, model_metadata
 from .codec import decode_request, encode_answer, parameters
 from .health import SERVICE
 from .proto import grpc_service_pb2 as pb
@@ -205,7 +205,7 @@ class InferenceServicer:
         """The REST ``infer``'s steps, the request's deadline bounded by the caller's gRPC deadline."""
         ctx = self.ctx
         with ctx.pipeline.begin(request.model_name or None, _version(request.model_version)) as call:
-            io = ModelIO.of(call.model)
+            io = call.model.io
             decoded = await ctx.pipeline.offload(decode_request, request, io, ctx.settings.max_images_per_request)
             answer = await call.run(decoded.inputs, context.time_remaining())
         _log_fields.get().update(answer.log_fields())

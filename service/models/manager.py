@@ -38,6 +38,7 @@ from ..memory import lower_thread_priority
 from ..metrics import Metrics
 from ..runtime import LoadCancelledError, ModelRuntime, Prediction, Warmup
 from .disk import Signature, artifact_signature, scan_repository, select_versions
+from .io import ModelIO
 from .observers import BatchMetrics, QueueDepth
 
 log = logging.getLogger("deepvit.repository")
@@ -70,6 +71,7 @@ class ModelVersion:
     runtimes: list[ModelRuntime] = field(default_factory=list)  # the execution instances (runtime is the first)
     solo: ModelRuntime | None = None  # one session over every core, for a lone batch at low load
     inflight: int = field(default=0)  # requests holding a lease: unloading waits for them
+    _unleased: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever inflight drops to 0
     signature: Signature | None = None  # of the file this session was built from
     observer: BatchMetrics | None = None  # its batcher's metrics
 
@@ -77,11 +79,28 @@ class ModelVersion:
     def labels(self) -> tuple[str, ...]:
         return self.runtime.meta.labels
 
+    @functools.cached_property
+    def io(self) -> ModelIO:
+        """What it takes and gives, as a request sees it."""
+        return ModelIO.of(self.runtime)
 
-def _input_of(mv: ModelVersion) -> tuple[object, ...]:
-    """What a decoded request depends on: two versions equal in this take the same tensors and images."""
-    rt = mv.runtime
-    return rt.input_name, str(rt.session.get_outputs()[0].name), rt.meta.preprocess, rt.meta.num_classes, rt.meta.labels
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[ModelVersion]:
+        self.inflight += 1
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._unleased.set()
+
+    async def leases_released(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no request holds a lease; True if none does."""
+        if self.inflight:
+            self._unleased.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unleased.wait(), timeout_s)
+        return self.inflight == 0
 
 
 def _info_labels(mv: ModelVersion) -> tuple[str, str, str, str, str]:
@@ -355,11 +374,8 @@ class ModelManager:
         if not versions:
             self._versions.pop(mv.name, None)
         try:
-            loop = asyncio.get_running_loop()
             # A lease is held around the inference only (not while a body uploads); its deadline bounds it.
-            end = loop.time() + self.settings.request_timeout_s
-            while mv.inflight > 0 and loop.time() < end:
-                await asyncio.sleep(0.005)
+            await mv.leases_released(self.settings.request_timeout_s)
             # Queued batches get the same bound; what is still queued after it is answered 503.
             await mv.batcher.close(drain=True, timeout=self.settings.request_timeout_s)
         finally:
@@ -421,12 +437,8 @@ class ModelManager:
     @contextlib.contextmanager
     def lease(self, name: str | None, version: int | None) -> Iterator[ModelVersion]:
         """``resolve``, and hold the version until the block ends: an unload waits for it."""
-        mv = self.resolve(name, version)
-        mv.inflight += 1
-        try:
+        with self.resolve(name, version).leased() as mv:
             yield mv
-        finally:
-            mv.inflight -= 1
 
     @contextlib.contextmanager
     def lease_for(self, mv: ModelVersion, name: str | None, version: int | None) -> Iterator[ModelVersion]:
@@ -434,17 +446,14 @@ class ModelManager:
         lease, so that a slow upload holds up no swap); if it was replaced meanwhile, what ``(name, version)``
         resolves to now, provided it takes the same input; else 503."""
         current = mv if mv.state == "ready" else self.resolve(name, version)
-        if current is not mv and _input_of(current) != _input_of(mv):
+        if current is not mv and not current.io.takes_same_input(mv.io):
             raise UnavailableError(
                 f"model {mv.name} version {mv.version} was replaced by one taking other input while the request "
                 "was read; retry",
                 reason="unloading",
             )
-        current.inflight += 1
-        try:
+        with current.leased():
             yield current
-        finally:
-            current.inflight -= 1
 
     def resolve(self, name: str | None, version: int | None) -> ModelVersion:
         if not self.loaded:

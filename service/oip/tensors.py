@@ -28,6 +28,7 @@ from deepvit.artifact.pixels import FORMATS_TEXT
 from deepvit.artifact.predictions import softmax
 
 from ..errors import BadRequestError, ConflictError, InferenceError, PayloadTooLargeError
+from ..models.io import ModelIO
 from ..models.manager import ModelVersion
 from ..pipeline import Inputs
 from .codec import BinaryData, decode_tensor, decompress, encode_response, encode_tensor, split_body
@@ -35,37 +36,6 @@ from .schemas import InferenceRequest, ModelMetadata, Parameters, RequestInput, 
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
-
-
-@dataclass(frozen=True)
-class ModelIO:
-    input_name: str
-    output_name: str
-    crop: int
-    num_classes: int
-    labels: tuple[str, ...]
-    attention_cells: int = 0  # the attention output's width (grid²); 0: the artifact has no such output
-
-    @classmethod
-    def of(cls, mv: ModelVersion) -> ModelIO:
-        rt = mv.runtime
-        att = rt.meta.attention
-        return cls(
-            rt.input_name,
-            str(rt.session.get_outputs()[0].name),
-            rt.meta.preprocess.crop_size,
-            rt.meta.num_classes,
-            rt.meta.labels,
-            0 if att is None else att.grid * att.grid,
-        )
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.output_name, ATTENTION_NAME] if self.attention_cells else [self.output_name]
-
-    @property
-    def input_shape(self) -> list[int]:
-        return [-1, self.crop, self.crop, 3]
 
 
 @dataclass(frozen=True)
@@ -291,7 +261,7 @@ def encode_answer(
 
 
 def model_metadata(mv: ModelVersion, versions: list[int]) -> ModelMetadata:
-    io = ModelIO.of(mv)
+    io = mv.io
     meta = mv.runtime.meta
     return ModelMetadata(
         name=mv.name,

@@ -34,7 +34,7 @@ from ..oip.schemas import (
     ServerLive,
     ServerMetadata,
 )
-from ..oip.tensors import EXTENSIONS, Limits, ModelIO, decode_request, encode_answer, model_metadata
+from ..oip.tensors import EXTENSIONS, Limits, decode_request, encode_answer, model_metadata
 from .responses import error_responses
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (KServe v2)"])
@@ -160,7 +160,7 @@ _INFER_DOC: dict[str, Any] = {
 
 async def _infer(request: Request, ctx: AppContext, name: str, version: int | None) -> Response:
     with ctx.pipeline.begin(name, version) as call:  # 404 and 503 at once, before the body is read
-        io = ModelIO.of(call.model)
+        io = call.model.io
         body = await request.body()
         limits = Limits(
             ctx.settings.max_body_bytes, ctx.settings.max_json_body_bytes, ctx.settings.max_images_per_request

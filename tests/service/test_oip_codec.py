@@ -19,12 +19,12 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from deepvit.artifact.predictions import softmax
 from deepvit.service.errors import BadRequestError, PayloadTooLargeError, RequestError, UnsupportedMediaTypeError
+from deepvit.service.models.io import ModelIO
 from deepvit.service.oip import codec, tensors
 from deepvit.service.oip.schemas import InferenceRequest
 from deepvit.service.oip.tensors import (
     Decoded,
     Limits,
-    ModelIO,
     WantedOutput,
     classification,
     decode_request,

@@ -9,8 +9,8 @@ import pytest
 from deepvit.service.errors import BadRequestError, PayloadTooLargeError
 from deepvit.service.grpc.codec import decode_request, parameters
 from deepvit.service.grpc.proto import grpc_service_pb2 as pb
+from deepvit.service.models.io import ModelIO
 from deepvit.service.oip.codec import serialize_bytes_tensor
-from deepvit.service.oip.tensors import ModelIO
 
 IO = ModelIO("image", "logits", crop=4, num_classes=3, labels=("a", "b", "c"))
 
