@@ -208,9 +208,12 @@ class ModelManager:
                 batch_chosen_by = "measurement"
         while len(runtimes) < count:
             extra = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
-            if s.warmup:
-                self._warm(name, version, extra)
+            if s.warmup:  # the sizes it will serve, no larger: what a larger batch allocates stays allocated
+                self._warm(name, version, extra, max_batch)
             runtimes.append(extra)
+        if s.warmup:
+            for rt in [*runtimes, *([solo] if solo is not None else [])]:
+                rt.release_warmup_memory(max_batch)
         depth = self._queue_depths.setdefault(name, QueueDepth(self.metrics, name))
         observer = BatchMetrics(self.metrics, name, depth)
         batcher: Batcher[np.ndarray, Prediction] = Batcher(
@@ -252,9 +255,9 @@ class ModelManager:
             )
         return mv
 
-    def _warm(self, name: str, version: int, runtime: ModelRuntime) -> Warmup:
+    def _warm(self, name: str, version: int, runtime: ModelRuntime, max_batch: int | None = None) -> Warmup:
         try:
-            return runtime.warmup(self.settings.max_batch_size, cancelled=self._stopping.is_set)
+            return runtime.warmup(max_batch or self.settings.max_batch_size, cancelled=self._stopping.is_set)
         except LoadCancelledError as exc:
             # Logged here: the task that awaited this build may already be cancelled by the shutdown.
             log.info("%s", exc, extra={"model": name, "version": version, "event": "load_cancelled"})
