@@ -313,6 +313,39 @@ def test_settings_are_accepted_by_the_service(
     assert built.grace_period_s == float(settings["DEEPVIT_GRACE_PERIOD_S"])
 
 
+# The host memory one deepvit_S version holds (docs/limits.md): on the CPU overlay's 4 cores four
+# single-threaded instances and the solo session (measured: 699 MiB for the four on 2 cores); on a GPU host
+# CUDA's and cuDNN's libraries and the session's host side (an estimate: no GPU measured it here).
+VERSION_BYTES = {"overlays/cpu": 1 << 30, "overlays/gpu": 2 << 30}
+PROCESS_BYTES = 90 << 20
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_memory_follows_the_services_memory_budget(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server checks its memory budget against the container's limit (service/budget.py): with the
+    overlay's settings and two versions in memory (a swap), the limit holds it and the request reserves it."""
+    from deepvit.service.budget import MemoryBudget, upload_bound
+    from deepvit.service.config import Settings
+
+    for key, value in _settings_map(rendered[overlay]).items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    resources = _container(rendered[overlay])["resources"]
+    limit = _bytes(resources["limits"]["memory"])
+    budget = MemoryBudget(limit, PROCESS_BYTES, settings.max_decode_memory_bytes, upload_bound(settings, limit))
+    budget.check_start()
+    budget.add_version("deepvit_S", 1, VERSION_BYTES[overlay])
+    budget.add_version("deepvit_S", 2, VERSION_BYTES[overlay])  # raises when it does not fit
+    assert _bytes(resources["requests"]["memory"]) >= sum(budget.parts().values()), budget.describe()
+
+
 def test_hpa_scales_on_metrics_the_adapter_serves(rendered: dict[str, list[dict[str, Any]]]) -> None:
     hpa = _one(rendered["overlays/gpu"], "HorizontalPodAutoscaler")
     assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Pods"}, "scale on load signals, not CPU"
