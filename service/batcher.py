@@ -10,7 +10,7 @@ share one queue, so that as many batches compute at once.
 A full batch does not wait for an instance to free: it is queued behind the running batch of the instance
 that started first, on that instance's thread, so that it starts the moment the one before ends. Without
 that, every batch would wait for the event loop to hear of the last one's end and hand over the next; on a
-busy loop that round trip left the instances idle 7% of the time at capacity (batches of one image, 2 cores).
+busy loop that round trip leaves the instances idle between batches.
 A partial batch still waits for an instance, collecting meanwhile, so batches are no smaller for it.
 
 Items submitted ``alone`` (the caller knows that nothing else is in its pipeline, decoding included) wait

@@ -2,8 +2,8 @@
 
 Above capacity most requests are refused (at four times the capacity, three in four), so what a refusal
 costs the event loop is taken from the requests it serves. Through the ASGI application one costs routing
-and the middleware (request id, metrics, the access log's JSON line) on top of HTTP parsing: measured at
-four times the capacity of a small model, goodput fell to 67% of capacity. Here the HTTP protocol asks
+and the middleware (request id, metrics, the access log's JSON line) on top of HTTP parsing, and far above
+capacity those refusals took the cores that would serve. Here the HTTP protocol asks
 :meth:`Refusals.check` as soon as a request's head is parsed; when admission says the pipeline is over its
 bound, the request is answered by a small ASGI callable instead of the app: the same JSON body and
 ``Retry-After`` as the middleware's refusal, counted in the same metrics, and one log line a second at most

@@ -230,8 +230,7 @@ class ModelRuntime:
     def release_warmup_memory(self, batch_size: int) -> None:
         """Give back what the warm-up's largest batches left in ONNX Runtime's CPU arena, which keeps its
         high-water mark: one run at the serving batch size that shrinks the arena afterwards. A session that
-        serves batches of one holds what they need, not what a batch of 32 needed once (deepvit_S, one
-        thread: 585 MiB after the warm-up, 274 MiB after this)."""
+        serves batches of one holds what they need, not what a batch of 32 needed once."""
         if self.provider != "CPUExecutionProvider" or self.bound is not None:
             return
         import onnxruntime as ort

@@ -267,12 +267,11 @@ class ModelManager:
         self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup
     ) -> tuple[int, tuple[ModelRuntime, Warmup] | None]:
         """On a CPU of several cores: one session using them all, or one single-threaded session per core?
-        The second wins when attention's small matrices scale badly over threads (measured 23 ms of CPU per
-        image with 2 threads against 11.6 ms with one). Warm a single-threaded session and take one instance
-        per core when, each at its most efficient batch, that gives at least as many images per second: the
-        warm-up measures each session alone, and serving favours the narrow ones further (a decode thread that
-        preempts one of a wide session's threads stalls the others; measured on 2 cores at 224 px, 69 against
-        60 img/s where the warm-up had them within 15%). The wide session is not lost for it: it becomes the
+        The second wins when attention's small matrices scale badly over threads. Warm a single-threaded
+        session and take one instance per core when, each at its most efficient batch, that gives at least as
+        many images per second: the warm-up measures each session alone, and serving favours the narrow ones
+        further (a decode thread that preempts one of a wide session's threads stalls the others). The wide
+        session is not lost for it: it becomes the
         solo session, which a request alone in the pipeline gets (service/batcher.py). Returns the count and,
         when it is more than one, the single-threaded session with its warm-up."""
         cores = _cores()
