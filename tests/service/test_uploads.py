@@ -194,6 +194,25 @@ def test_every_front_end_is_admitted_once_with_its_image_count(
     assert admission.pending == 0
 
 
+def test_explain_is_admitted_once_with_its_image_count(
+    explain_app: InProcessApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admission = explain_app.ctx.pipeline.admission
+    admitted: list[int] = []
+    admit = admission.admit
+    monkeypatch.setattr(admission, "admit", lambda images: (admitted.append(images), admit(images))[1])
+    png = grey_png()
+
+    async def run() -> int:
+        async with explain_app.serving() as (client, _):
+            files = [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]
+            return (await client.post("/explain", files=files)).status_code
+
+    assert asyncio.run(run()) == 200
+    assert admitted == [2]
+    assert admission.pending == 0
+
+
 # -- below the app, on a real uvicorn ---------------------------------------------------------------
 @contextlib.contextmanager
 def uvicorn_serving(app: Any, refuse: Any) -> Iterator[int]:
