@@ -202,12 +202,20 @@ class InferenceServicer:
 
     # -- inference -----------------------------------------------------------------------------------
     async def model_infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        """The REST ``infer``'s steps, the request's deadline bounded by the caller's gRPC deadline."""
+        """The REST ``infer``'s steps, the request's deadline bounded by the caller's gRPC deadline. gRPC's core
+        receives a message whole before this runs (each within DEEPVIT_MAX_BODY_BYTES): it counts in the
+        upload budget from here to its answer, and one that would take it over the bound is refused at once,
+        which frees it."""
         ctx = self.ctx
-        with ctx.pipeline.begin(request.model_name or None, _version(request.model_version)) as call:
-            io = call.model.io
-            decoded = await ctx.pipeline.offload(decode_request, request, io, ctx.settings.max_images_per_request)
-            answer = await call.run(decoded.inputs, context.time_remaining())
+        upload = ctx.bodies.begin(request.ByteSize())
+        upload.arrived()
+        try:
+            with ctx.pipeline.begin(request.model_name or None, _version(request.model_version)) as call:
+                io = call.model.io
+                decoded = await ctx.pipeline.offload(decode_request, request, io, ctx.settings.max_images_per_request)
+                answer = await call.run(decoded.inputs, context.time_remaining())
+        finally:
+            upload.release()
         _log_fields.get().update(answer.log_fields())
         return encode_answer(decoded, answer.model, io, answer.logits, answer.attention)
 

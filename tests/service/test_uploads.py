@@ -213,6 +213,37 @@ def test_explain_is_admitted_once_with_its_image_count(
     assert admission.pending == 0
 
 
+def test_a_grpc_message_counts_in_the_upload_budget(tiny_app: InProcessApp) -> None:
+    """gRPC's core receives a message whole; from then to its answer it counts with the HTTP bodies, and one
+    that would take the sum over the bound is UNAVAILABLE with a retry delay."""
+    import grpc
+
+    aborted: list[tuple[Any, str, Any]] = []
+
+    class Context(_GrpcContext):
+        async def abort(self, code: Any, details: str, trailers: Any = ()) -> None:
+            aborted.append((code, details, dict(trailers)))
+            raise RuntimeError("aborted")
+
+    png = grey_png()
+    msg = pb.ModelInferRequest(model_name="tiny")
+    msg.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(png)
+    tiny_app.ctx.bodies = BodyBudget(max_bytes=msg.ByteSize() - 1, max_bodies=8)
+
+    async def run() -> None:
+        async with tiny_app.serving():
+            servicer = InferenceServicer(tiny_app.ctx, "0")
+            with pytest.raises(RuntimeError, match="aborted"):
+                await servicer._guarded("ModelInfer", servicer.model_infer, False)(msg, Context())
+
+    asyncio.run(run())
+    ((code, details, trailers),) = aborted
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "uploads" in details
+    assert trailers == {"deepvit-reason": "upload_budget", "retry-after": "1"}
+    assert tiny_app.ctx.bodies.held_bytes == 0
+
+
 # -- below the app, on a real uvicorn ---------------------------------------------------------------
 @contextlib.contextmanager
 def uvicorn_serving(app: Any, refuse: Any) -> Iterator[int]:
