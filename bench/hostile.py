@@ -179,9 +179,10 @@ def run_slow_clients(
             return normal, list(done[: len(bodies)]), list(done[len(bodies) :])
 
         normal, slow_bodies, slow_heads = asyncio.run(scenario())
-    defaults = Settings.model_fields
-    body_s, head_s = defaults["body_timeout_s"].default, defaults["header_timeout_s"].default
-    return SlowClients(seconds, slow, normal, slow_bodies, slow_heads, body_s, head_s)
+    settings = Settings()  # as the server reads them: its defaults and this environment's DEEPVIT_ variables
+    return SlowClients(
+        seconds, slow, normal, slow_bodies, slow_heads, settings.body_timeout_s, settings.header_timeout_s
+    )
 
 
 @dataclass

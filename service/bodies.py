@@ -60,8 +60,7 @@ class Body:
 
     def received(self, total: int) -> None:
         """``total`` bytes of the body have arrived: reserve the part over what was reserved (a chunked
-        body), or refuse (503) when the bound is reached; the caller closes the connection then, since the
-        rest of the body stays unread."""
+        body), or refuse (503) when the bound is reached."""
         more = total - self.reserved
         if more <= 0:
             return

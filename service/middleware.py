@@ -116,7 +116,9 @@ class RequestMiddleware:
                 try:
                     upload = ctx.bodies.begin(length)
                 except UnavailableError as exc:
-                    close_connection = True  # the body stays unread
+                    # The connection stays open: uvicorn reads what comes of the body and drops it, holding
+                    # none of it. Closing with the body unread makes the kernel answer the data still arriving
+                    # with a reset, which can reach the client before it has read the 503.
                     await reply(503, exc.message, exc.reason, [(b"retry-after", str(exc.retry_after_s).encode())])
                     return
             received = 0
@@ -145,11 +147,7 @@ class RequestMiddleware:
                         ctx.metrics.rejected.labels("body_too_large").inc()
                         raise PayloadTooLargeError(f"the body is over the limit of {limit:,} bytes")
                     if upload is not None:
-                        try:
-                            upload.received(received)  # a chunked body reserves as it arrives
-                        except UnavailableError:
-                            close_connection = True
-                            raise
+                        upload.received(received)  # a chunked body reserves as it arrives (or 503)
                 else:
                     body_done = True
                 if body_done and upload is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,13 +64,46 @@ def test_the_overload_run_reports_goodput_refusals_probes_and_memory(tmp_path: P
     cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--overload-seconds", "2", "--factor", "2"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    table = (out / "tiny-overload.md").read_text()
+    table = (out / "tiny-overload-2x.md").read_text()
     for row in ("| capacity (closed loop, c=8) |", "| goodput |", "| p99 of refusals (503) |", "| /livez p99 / max |"):
         assert row in table
     assert "| offered (open loop, Poisson arrivals) |" in table
     assert "| without an answer | none |" in table  # every request the generator sent got an answer
     assert "| RSS, second 10 → end |" in table
     assert "200: " in table  # some requests were answered
+
+
+def test_the_slow_clients_run_cuts_them_off_and_serves_the_normal_client(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    env = {**os.environ, "DEEPVIT_BODY_TIMEOUT_S": "2", "DEEPVIT_HEADER_TIMEOUT_S": "1.5"}
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--slow-clients", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--slow", "4", "--slow-seconds", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny-slow-clients.md").read_text()
+    assert "| slow bodies (deadline 2 s) | 4 × 408; cut off after" in table
+    assert "| slow heads (deadline 1.5 s) | 4 × 408; cut off after" in table
+    normal = re.search(r"\| normal client \(one photograph every 0.5 s\) \| (\d+) requests: (\d+) × 200 \|", table)
+    assert normal is not None, table
+    assert normal.group(1) == normal.group(2)  # every one answered 200
+
+
+def test_the_upload_flood_run_reports_answers_and_memory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    # Room for two 3 MB bodies at once: the others are refused from their heads.
+    env = {**os.environ, "DEEPVIT_MAX_BODY_BYTES": "4000000", "DEEPVIT_MAX_UPLOAD_BYTES": "8000000"}
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--upload-flood", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--uploads", "8", "--upload-bytes", "3000000"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "tiny-upload-flood.md").read_text()
+    assert "| JSON answers (200/400/408/413, or 503 with Retry-After) | 8 of 8 |" in table, table
+    assert "× 503" in table
+    assert "| RSS before → peak → after |" in table
 
 
 def test_the_decode_memory_run_sends_lying_images_and_reports_rss(tmp_path: Path) -> None:
