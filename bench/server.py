@@ -38,7 +38,8 @@ def serve(
 ) -> subprocess.Popen[bytes]:
     """``deepvit serve`` over ``repository`` with ``model`` the default, logging warnings only; ``env`` adds
     or overrides settings."""
-    settings = {"DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model, **(env or {})}
+    # gRPC off unless asked for: its default port would clash with any other server on the machine.
+    settings = {"DEEPVIT_LOG_LEVEL": "warning", "DEEPVIT_DEFAULT_MODEL": model, "DEEPVIT_GRPC_PORT": "0", **(env or {})}
     cmd = [sys.executable, "-m", "deepvit.cli", "serve", "--model-repository", str(repository), "--port", str(port)]
     return start(cmd, {**os.environ, **settings}, log, cwd)
 
