@@ -67,6 +67,11 @@ def register(sub: Any) -> None:
     p.add_argument("--uploads", type=int, default=160, help="uploads at once (--upload-flood)")
     p.add_argument("--upload-bytes", type=int, default=19_000_000, help="size of each upload (--upload-flood)")
     p.add_argument(
+        "--refusal-cost",
+        action="store_true",
+        help="instead: the event loop's CPU per overload refusal, below the app and in it (see bench/refusal_cost.py)",
+    )
+    p.add_argument(
         "--server-tree",
         type=Path,
         help="run the server from this source tree (another checkout, for a before and after; --overload)",
@@ -81,6 +86,8 @@ def _bench(args: argparse.Namespace) -> int:
         return _decode_memory(args)
     if args.slow_clients or args.upload_flood:
         return _hostile(args)
+    if args.refusal_cost:
+        return _refusal_cost(args)
     if args.jpeg_draft:
         return _jpeg_draft(args)
     if args.attention_cost:
@@ -194,6 +201,16 @@ def _hostile(args: argparse.Namespace) -> int:
     heading = f"{name}: {args.uploads} uploads of {args.upload_bytes / 1e6:g} MB at once"
     subtitle = f"made from {photo.name}, the server's default settings; the clients run on the same machine"
     return _publish(args, "upload-flood", f"{name}-upload-flood.md", heading, subtitle, flood.render())
+
+
+def _refusal_cost(args: argparse.Namespace) -> int:
+    from .refusal_cost import run_refusal_cost
+
+    photo = _photos(args)[0]
+    result = run_refusal_cost(args.model_repository, photo)
+    heading = "the event loop's CPU per overload refusal: below the app against in it"
+    subtitle = f"photo {photo.name}, admission held over its bound; hey on the same machine"
+    return _publish(args, "refusal-cost", "refusal-cost.md", heading, subtitle, result.render())
 
 
 def _jpeg_draft(args: argparse.Namespace) -> int:

@@ -16,12 +16,31 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from typing import Protocol
 
 import httptools
-from starlette.types import ASGIApp
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-Refuse = Callable[[str, str], ASGIApp | None]  # (method, path) -> an ASGI callable that answers instead of the app
+
+class Answer(Protocol):
+    """What answers a request from its head instead of the app: its whole HTTP/1.1 response, or an ASGI
+    callable; ``sent`` once it is written."""
+
+    def http(self, keep_alive: bool) -> bytes: ...
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+    def sent(self) -> None: ...
+
+
+Refuse = Callable[[str, str], Answer | None]  # (method, path) -> what answers instead of the app, or None
+
+
+class _Answered:
+    """The cycle of a request answered from its head: complete, so the parser's callbacks drop its body."""
+
+    response_complete = True
+    more_body = False
+    keep_alive = True
 
 
 def http_protocol(
@@ -50,12 +69,24 @@ def http_protocol(
             if answer is None:
                 super().on_headers_complete()
                 return
-            # As uvicorn answers past its concurrency limit: this request's cycle runs ``answer``, not the app.
-            app, self.app = self.app, answer
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+            if self.cycle is not None and not self.cycle.response_complete:
+                # Pipelined behind an answer still being written: queued as uvicorn queues the app's cycles,
+                # and run as an ASGI callable in place of the app (as uvicorn answers past its concurrency
+                # limit).
+                app, self.app = self.app, answer
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
+                return
+            # Answered here and now; the parser's callbacks drop the body of a cycle already complete.
+            keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+            self.cycle = _Answered()  # type: ignore[assignment]
+            self.transport.write(answer.http(keep_alive))
+            answer.sent()
+            if not keep_alive:
+                self.transport.close()
+            self.on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()

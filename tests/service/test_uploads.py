@@ -23,7 +23,7 @@ from deepvit.service.errors import UnavailableError
 from deepvit.service.grpc.proto import grpc_service_pb2 as pb
 from deepvit.service.grpc.servicer import InferenceServicer
 from deepvit.service.protocol import http_protocol
-from deepvit.service.refusals import Refusals, error_messages, route_of
+from deepvit.service.refusals import Refusal, Refusals, route_of
 
 PNG = {"content-type": "image/png"}
 
@@ -264,32 +264,33 @@ def uvicorn_serving(app: Any, refuse: Any) -> Iterator[int]:
 
 
 def test_a_refusal_below_the_app_answers_json_503_and_keeps_the_connection() -> None:
-    """What ``refuse`` answers never reaches the app; its body is not read, and the connection serves the
-    next request."""
+    """What ``refuse`` answers never reaches the app: the protocol writes it from the head, drops the body,
+    and the connection serves the next request."""
     app_calls: list[str] = []
-    refusal = error_messages(503, "the server is overloaded", [(b"retry-after", b"2")])
+    sent: list[int] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         app_calls.append(scope["path"])
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def refused(scope: Any, receive: Any, send: Any) -> None:
-        for m in refusal:
-            await send(m)
-
-    def refuse(method: str, path: str) -> Any:
-        return refused if (method, path) == ("POST", "/classify") else None
+    def refuse(method: str, path: str) -> Refusal | None:
+        if (method, path) != ("POST", "/classify"):
+            return None
+        return Refusal(503, "the server is overloaded", [(b"retry-after", b"2")], lambda: sent.append(1))
 
     with uvicorn_serving(app, refuse) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-        r = client.post("/classify?top_k=1", content=b"x" * 200_000, headers=PNG)
-        assert r.status_code == 503
-        assert r.json() == {"error": "the server is overloaded"}
-        assert r.headers["retry-after"] == "2"
+        for _ in range(2):  # a large body, dropped, twice on one connection
+            r = client.post("/classify?top_k=1", content=b"x" * 200_000, headers=PNG)
+            assert r.status_code == 503
+            assert r.json() == {"error": "the server is overloaded"}
+            assert r.headers["retry-after"] == "2"
+            assert "connection" not in r.headers  # kept alive
         ok = client.post("/other", content=b"y")  # the same kept-alive connection
         assert ok.status_code == 200
         assert client.get("/classify").status_code == 200  # only what refuse names is refused
     assert app_calls == ["/other", "/classify"]
+    assert sent == [1, 1]
 
 
 def test_refusals_follow_admission_and_count_like_the_app(tiny_app: InProcessApp) -> None:
