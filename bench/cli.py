@@ -44,7 +44,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="instead: RSS under images whose headers lie about their size (see bench/decode_memory.py)",
     )
-    p.add_argument("--requests", type=int, default=3000, help="lying images sent (--decode-memory)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=3000,
+        help="lying images sent (--decode-memory); requests per path (--refusal-cost)",
+    )
     p.add_argument(
         "--jpeg-draft",
         action="store_true",
@@ -207,7 +212,7 @@ def _refusal_cost(args: argparse.Namespace) -> int:
     from .refusal_cost import run_refusal_cost
 
     photo = _photos(args)[0]
-    result = run_refusal_cost(args.model_repository, photo)
+    result = run_refusal_cost(args.model_repository, photo, args.requests)
     heading = "the event loop's CPU per overload refusal: below the app against in it"
     subtitle = f"photo {photo.name}, admission held over its bound; hey on the same machine"
     return _publish(args, "refusal-cost", "refusal-cost.md", heading, subtitle, result.render())

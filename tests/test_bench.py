@@ -106,6 +106,21 @@ def test_the_upload_flood_run_reports_answers_and_memory(tmp_path: Path) -> None
     assert "| RSS before → peak → after |" in table
 
 
+def test_the_refusal_cost_run_compares_the_two_paths(tmp_path: Path) -> None:
+    require_hey()
+    repo = tmp_path / "repo"
+    export_tiny(repo)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "deepvit.cli", "bench", "--refusal-cost", "--model-repository", str(repo)]
+    cmd += ["--output", str(out), "--photos", str(DATA / "photos"), "--requests", "320"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "refusal-cost.md").read_text()
+    assert "| refused by the HTTP protocol, from the head (now) |" in table
+    assert "| refused by the ASGI middleware, before routing (before) |" in table
+    assert "HTTP protocol: {'503': 320}; middleware: {'503': 320}" in table  # every request refused, answered
+
+
 def test_the_decode_memory_run_sends_lying_images_and_reports_rss(tmp_path: Path) -> None:
     import io
 
