@@ -44,17 +44,37 @@ class _Answered:
 
 
 def http_protocol(
-    timeout_s: float, on_timeout: Callable[[], None], refuse: Refuse | None = None
+    timeout_s: float,
+    on_timeout: Callable[[], None],
+    refuse: Refuse | None = None,
+    body_timeout_s: float = 30.0,
 ) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, with the head deadline (``on_timeout`` called for each cut-off) and
-    ``refuse`` asked, once a head is parsed, whether something else answers the request than the app."""
+    """uvicorn's httptools protocol, with the head deadline (``on_timeout`` called for each cut-off),
+    ``refuse`` asked, once a head is parsed, whether something else answers the request than the app, and
+    ``body_timeout_s`` for what is left of a body after its request was answered (a refused upload: its
+    client may go on sending, and uvicorn reads and drops it; a client trickling it is closed at the deadline,
+    as the middleware closes one whose body is being read)."""
 
     class HeadTimeoutProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _drop_timer: asyncio.TimerHandle | None = None
+        _body_pending = False  # the current request's head is in and its body is not
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head_timer()
+
+        def on_message_complete(self) -> None:
+            self._body_pending = False
+            if self._drop_timer is not None:
+                self._drop_timer.cancel()
+                self._drop_timer = None
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._body_pending and self._drop_timer is None and not self.transport.is_closing():
+                self._drop_timer = self.loop.call_later(body_timeout_s, self.transport.close)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -62,6 +82,7 @@ def http_protocol(
 
         def on_headers_complete(self) -> None:
             self._cancel_head_timer()
+            self._body_pending = True
             answer = None
             if refuse is not None and not self.parser.should_upgrade():
                 path = httptools.parse_url(self.url).path.decode("ascii", "replace")
@@ -90,6 +111,8 @@ def http_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_head_timer()
+            if self._drop_timer is not None:
+                self._drop_timer.cancel()
             super().connection_lost(exc)
 
         def _arm_head_timer(self) -> None:

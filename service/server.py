@@ -131,6 +131,7 @@ def run(settings: Settings) -> int:
             settings.header_timeout_s,
             lambda: rejected.labels("header_timeout").inc(),
             Refusals(app.state.ctx).check,  # service/refusals.py: overload answered before the app
+            settings.body_timeout_s,
         ),
         host=settings.host,
         port=settings.port,

@@ -245,13 +245,14 @@ def test_a_grpc_message_counts_in_the_upload_budget(tiny_app: InProcessApp) -> N
 
 # -- below the app, on a real uvicorn ---------------------------------------------------------------
 @contextlib.contextmanager
-def uvicorn_serving(app: Any, refuse: Any) -> Iterator[int]:
+def uvicorn_serving(app: Any, refuse: Any, body_timeout_s: float = 30.0) -> Iterator[int]:
     """A real uvicorn with the service's HTTP protocol on a socket listening before it starts (a client
     connecting early waits in the backlog)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    config = uvicorn.Config(app, http=http_protocol(20.0, lambda: None, refuse), log_config=None, lifespan="off")
+    protocol = http_protocol(20.0, lambda: None, refuse, body_timeout_s)
+    config = uvicorn.Config(app, http=protocol, log_config=None, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -291,6 +292,28 @@ def test_a_refusal_below_the_app_answers_json_503_and_keeps_the_connection() -> 
         assert client.get("/classify").status_code == 200  # only what refuse names is refused
     assert app_calls == ["/other", "/classify"]
     assert sent == [1, 1]
+
+
+def test_what_is_left_of_a_refused_body_gets_the_body_deadline() -> None:
+    """A refused upload's client may go on sending (uvicorn drops it); one that trickles is closed at the
+    body deadline rather than holding the connection for ever."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app is never called")
+
+    def refuse(method: str, path: str) -> Refusal:
+        return Refusal(503, "busy", [(b"retry-after", b"1")], lambda: None)
+
+    with (
+        uvicorn_serving(app, refuse, body_timeout_s=0.5) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        answer = b""
+        while b"busy" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert sock.recv(65536) == b""  # closed at the deadline (the socket's 10 s timeout would raise)
 
 
 def test_refusals_follow_admission_and_count_like_the_app(tiny_app: InProcessApp) -> None:
