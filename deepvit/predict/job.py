@@ -180,7 +180,8 @@ def _pipeline(
     if cfg.address:
         ray.init(address=cfg.address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a cluster of its own, even where a `ray start` one runs on this machine (ray.init would join it).
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
     try:
         summary.startup_s = time.perf_counter() - t0
         cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
@@ -197,10 +198,18 @@ def _pipeline(
         model = ray.put(artifact.data)
         spec = ClassifierSpec(model, artifact.source, artifact.model, cfg.top_k, cfg.threads_per_actor, inputs.scheme)
         t1 = time.perf_counter()
+        # Reading and writing take no CPU slot, so their tasks are bounded apart: a process each costs a
+        # Python start-up, and a reader keeps some 8 cores busy (a file read is far cheaper than its inference).
+        io_tasks = max(1, math.ceil(cpus / 8))
         # Blocks of a few batches: they stream through the actors evenly, and a kill loses little.
         blocks = max(1, math.ceil(len(todo) / (4 * cfg.batch_size)))
         ds = ray.data.read_binary_files(
-            todo, filesystem=inputs.filesystem, include_paths=True, num_cpus=0, override_num_blocks=blocks
+            todo,
+            filesystem=inputs.filesystem,
+            include_paths=True,
+            num_cpus=0,
+            concurrency=io_tasks,
+            override_num_blocks=blocks,
         )
         ds = ds.map_batches(
             Classifier,
@@ -216,6 +225,7 @@ def _pipeline(
             min_rows_per_file=cfg.rows_per_file,
             filename_provider=_run_files(run_id),
             ray_remote_args={"num_cpus": 0},
+            concurrency=io_tasks,
         )
         summary.predict_s = time.perf_counter() - t1
     finally:
