@@ -50,10 +50,19 @@ def register(sub: Any) -> None:
         action="store_true",
         help="instead: DEEPVIT_JPEG_DRAFT's decoding time and fidelity on each photograph (see bench/jpeg_draft.py)",
     )
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="instead: the whole deepvit predict command on a folder of photographs, beside the HTTP service at "
+        "concurrency 32 and the folder's limit (see bench/predict.py)",
+    )
+    p.add_argument("--images", type=int, default=3000, help="images in the folder (--predict)")
     p.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.predict:
+        return _predict(args)
     if args.overload:
         return _overload(args)
     if args.decode_memory:
@@ -172,3 +181,14 @@ def _attention_cost(args: argparse.Namespace) -> int:
     heading = f"{meta.name}: the cost of the attention output"
     subtitle = f"ONNX Runtime on the CPU, one intra-op thread · median of {args.rounds} interleaved rounds"
     return _publish(args, "attention-cost", f"{meta.name}-attention-cost.md", heading, subtitle, render(rows))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict_bench
+
+    name, artifact = _served_model(args)
+    subtitle, table = run_predict_bench(
+        args.model_repository, name, artifact, _photos(args), args.output, args.images, args.duration, args.min_time
+    )
+    heading = f"{name}: deepvit predict on a folder, the HTTP service, the folder's limit"
+    return _publish(args, "predict", f"{name}-predict.md", heading, subtitle, table)
