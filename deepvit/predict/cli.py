@@ -33,7 +33,11 @@ def register(sub: Any) -> None:
         default=defaults.rows_per_file,
         help="rows per Parquet file at least (a crash loses the rows not yet in a file)",
     )
-    p.add_argument("--address", help="join this Ray cluster (host:port, or 'auto') instead of starting a local one")
+    p.add_argument(
+        "--address",
+        help="join this Ray cluster (host:port, or 'auto'; default: RAY_ADDRESS, as a Ray job sets it) instead of "
+        "starting a local one",
+    )
     p.add_argument("--actors", type=int, help="inference actors (default: the cluster's CPUs / --threads-per-actor)")
     p.add_argument("--threads-per-actor", type=int, default=defaults.threads_per_actor, help="ONNX Runtime threads")
     p.add_argument(

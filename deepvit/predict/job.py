@@ -8,8 +8,9 @@ actors as the cluster has cores for, each with its share of threads) → ``write
 writing are I/O and are given no CPU of their own, or they would wait for the actors that hold every core.
 
 Local by default (``ray.init`` with this machine's cores, no dashboard, no usage statistics); ``address``
-joins an existing cluster, whose nodes then read the inputs and write the output themselves: SRC and
-``--output`` must be reachable from every node (a bucket, or a shared file system).
+(or ``RAY_ADDRESS``, which a Ray job's entrypoint is given) joins an existing cluster, whose nodes then read
+the inputs and write the output themselves: SRC and ``--output`` must be reachable from every node (a bucket,
+or a shared file system).
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ def _pipeline(
     import ray.data
 
     t0 = time.perf_counter()
-    if cfg.address:
-        ray.init(address=cfg.address, logging_level=logging.WARNING)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set for the entrypoint of a Ray job
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         # "local": a cluster of its own, even where a `ray start` one runs on this machine (ray.init would join it).
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.WARNING)
