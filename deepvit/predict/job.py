@@ -153,7 +153,8 @@ def run(cfg: PredictConfig, artifact: Artifact, log: Callable[[str], None]) -> S
             summary.failure = _reason(exc)
     for path in out.settle(earlier, run_id):
         log(f"deleted {path}: written by a killed run after this one began; its inputs were done again")
-    after = out.tally()
+    after = out.tally(delete_unreadable=True)  # a write the failure cut short: its inputs are missing
+    summary.deleted += after.deleted
     wanted = [inputs.display(p) for p in (*inputs.sizes, *inputs.refused)]
     summary.missing = [p for p in wanted if after.rows[p] == 0]
     summary.duplicated = [p for p in wanted if after.rows[p] > 1]
