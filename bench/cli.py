@@ -18,6 +18,13 @@ def register(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per concurrency level")
     p.add_argument("--min-time", type=float, default=3.0, help="seconds per in-process measurement")
     p.add_argument(
+        "--predict",
+        action="store_true",
+        help="instead: the whole deepvit predict command on a folder of photographs, beside the HTTP service at "
+        "concurrency 32 and the folder's limit (see bench/predict.py)",
+    )
+    p.add_argument("--images", type=int, default=3000, help="images in the folder (--predict)")
+    p.add_argument(
         "--overload",
         action="store_true",
         help="instead: open-loop load at --factor times the measured capacity (see bench/overload.py)",
@@ -113,6 +120,8 @@ def _bench(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.predict:
+        return _predict(args)
     from .run import run_bench
 
     table = run_bench(
@@ -142,6 +151,17 @@ def _photos(args: argparse.Namespace) -> list[Path]:
     from .run import photographs
 
     return photographs(args.photos)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict_bench
+
+    name, artifact = _served_model(args)
+    subtitle, table = run_predict_bench(
+        args.model_repository, name, artifact, _photos(args), args.output, args.images, args.duration, args.min_time
+    )
+    heading = f"{name}: deepvit predict on a folder, the HTTP service, the folder's limit"
+    return _publish(args, "predict", f"{name}-predict.md", heading, subtitle, table)
 
 
 def _publish(args: argparse.Namespace, kind: str, file_name: str, heading: str, subtitle: str, table: str) -> int:

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
         bench_cli.register(sub)
     model_cli.register(sub)
+    from deepvit.predict import cli as predict_cli  # Ray Data is imported when it runs (the batch extra)
+
+    predict_cli.register(sub)
     return parser
 
 
