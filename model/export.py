@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, AttentionSpec
 
-from .accuracy import AccuracyReport, check_accuracy, folder_images, gate_images
+from .accuracy import (
+    AccuracyReport,
+    EngineGates,
+    NoGateImagesError,
+    check_accuracy,
+    check_engines,
+    folder_images,
+    gate_images,
+)
 from .atomic import atomic_path
 from .config import DeepViTConfig
 from .layers import Attention
@@ -78,7 +86,11 @@ class ArtifactInfo:
     explain: bool = False  # the graph also outputs the attention rollout
 
     def metadata(
-        self, parity: ParityReport, accuracy: AccuracyReport | None = None, quantization: Quantization | None = None
+        self,
+        parity: ParityReport,
+        accuracy: AccuracyReport | None = None,
+        quantization: Quantization | None = None,
+        engine_gates: dict[str, Any] | None = None,
     ) -> ArtifactMetadata:
         return ArtifactMetadata(
             name=self.name,
@@ -93,6 +105,7 @@ class ArtifactInfo:
             parity=parity.to_dict(),
             accuracy=accuracy.to_dict() if accuracy else {},
             quantization=quantization.to_dict() if quantization else {},
+            engine_gates=engine_gates or {},
             versions=tool_versions(),
             exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             attention=AttentionSpec(self.config.img_size // self.config.patch_size, ROLLOUT_DEFINITION)
@@ -103,7 +116,16 @@ class ArtifactInfo:
 
 def tool_versions() -> dict[str, str]:
     out = {}
-    for dist in ("deepvit-serve", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime"):
+    dists = (
+        "deepvit-serve",
+        "torch",
+        "onnx",
+        "onnxscript",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "onnxruntime-ep-openvino",
+    )
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -191,13 +213,16 @@ def export_artifact(
     parity_batch_sizes: tuple[int, ...] | None = None,
     gate_photos: Path | None = None,
     calibration: Path | None = None,
+    engine_gates: EngineGates = "auto",
     log: Callable[[str], None] = print,
 ) -> ParityReport:
     """Export, gate, then write ``output`` atomically. Raises ParityError and writes nothing.
 
     Every artifact is gated on parity with PyTorch on noise images (float32 to numerical identity); a
     reduced precision also on natural images (:mod:`.accuracy`): ``gate_photos`` (the project's photographs
-    by default) and the ``calibration`` folder, which for int8 also calibrates static quantization."""
+    by default) and the ``calibration`` folder, which for int8 also calibrates static quantization. A float32
+    graph is also gated on the same images for each reduced-precision engine (``engine_gates``, bf16 on the
+    CPU's matrix engine): recorded, never blocking the float32 artifact; the service uses only what passed."""
     import onnx
 
     output = Path(output)
@@ -252,10 +277,18 @@ def export_artifact(
             raise ParityError(
                 f"accuracy gate failed, nothing written: {accuracy.summary()}; gate {accuracy.to_dict()['gate']}"
             )
+    engines: dict[str, Any] = {}
+    if info.precision == "fp32" and engine_gates != "none":
+        try:
+            images = gate_images(info.config.preprocessing, gate_photos, calibration_images)
+        except NoGateImagesError:
+            images = None
+        graph = proto.SerializeToString()
+        engines = check_engines(reference, graph, images, engine_gates, log, enforced=info.weights != "random_init")
     proto.producer_name = "deepvit-serve"
     proto.doc_string = f"DeepViT {info.arch} ImageNet-style classifier exported by deepvit-serve"
     del proto.metadata_props[:]
-    for key, value in info.metadata(report, accuracy, recipe).to_props().items():
+    for key, value in info.metadata(report, accuracy, recipe, engines).to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     with atomic_path(output) as tmp:
