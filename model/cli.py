@@ -58,6 +58,13 @@ def register(sub: Any) -> None:
         help="photographs the accuracy gate of fp16 and int8 takes views of (default: the project's, in a checkout)",
     )
     p.add_argument(
+        "--int8-recipe",
+        choices=["ort", "nncf"],
+        default="ort",
+        help="int8: ONNX Runtime's quantizer (dynamic, or static with --calibration), or NNCF's post-training "
+        "quantization (needs --calibration and the nncf package), gated and timed on the OpenVINO engine",
+    )
+    p.add_argument(
         "--engine-gates",
         choices=["auto", "all", "none"],
         default="auto",
@@ -198,6 +205,7 @@ def _export(args: argparse.Namespace) -> int:
         gate_photos=args.gate_images,
         calibration=args.calibration,
         engine_gates=args.engine_gates,
+        int8_recipe=args.int8_recipe,
         log=_log,
     )
     return 0
@@ -231,6 +239,7 @@ def _verify(args: argparse.Namespace) -> int:
     recorded = meta.checkpoint_sha256
     if recorded and recorded != sha:
         _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
+    from deepvit.artifact.engines import ENGINES, OPENVINO
     from deepvit.artifact.session import open_session, providers_for
 
     from .accuracy import check_accuracy, check_engines, folder_images, gate_images
@@ -252,9 +261,10 @@ def _verify(args: argparse.Namespace) -> int:
     if meta.precision != "fp32":
         spec = meta.preprocess
         calibration = folder_images(args.calibration, spec) if args.calibration else None
-        accuracy = check_accuracy(
-            reference, str(args.artifact), meta.precision, gate_images(spec, args.gate_images, calibration), providers
-        )
+        images = gate_images(spec, args.gate_images, calibration)
+        engine = ENGINES.get(str(meta.accuracy.get("engine", ""))) if args.provider == "cpu" else None
+        engine = engine if engine is not None and engine.provider == OPENVINO else None  # where export gated it
+        accuracy = check_accuracy(reference, str(args.artifact), meta.precision, images, providers, engine=engine)
         out["accuracy"] = accuracy.to_dict()
         passed = passed and accuracy.passed
         _log(f"accuracy {'ok' if accuracy.passed else 'FAILED'}: {accuracy.summary()}")

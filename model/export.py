@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, AttentionSpec
+from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Engine
 
 from .accuracy import (
     AccuracyReport,
@@ -214,6 +215,7 @@ def export_artifact(
     gate_photos: Path | None = None,
     calibration: Path | None = None,
     engine_gates: EngineGates = "auto",
+    int8_recipe: Literal["ort", "nncf"] = "ort",
     log: Callable[[str], None] = print,
 ) -> ParityReport:
     """Export, gate, then write ``output`` atomically. Raises ParityError and writes nothing.
@@ -232,6 +234,10 @@ def export_artifact(
         raise ParityError(
             "--explain with --precision int8 is not offered: the quantized graph's attention output would not be "
             "gated; export the attention output in fp32 or fp16"
+        )
+    if int8_recipe == "nncf" and (info.precision != "int8" or calibration is None):
+        raise ParityError(
+            "--int8-recipe nncf quantizes to int8 calibrated on images: give --precision int8 and --calibration DIR"
         )
     reference = ImageClassifier(model, torch.float32, info.explain).eval()
     folded = rewrite_for_inference(model)
@@ -258,16 +264,22 @@ def export_artifact(
     recipe: Quantization | None = None
     if gate is not None:
         graph = proto.SerializeToString()
+        engine: Engine | None = None  # the CPU provider
         if info.precision == "int8":
             source = calibration.name if calibration else ""
             int8, recipe = quantize(
-                graph, None if calibration_images is None else calibration_images.images, source, log
+                graph,
+                None if calibration_images is None else calibration_images.images,
+                source,
+                log,
+                method="nncf" if int8_recipe == "nncf" else None,
             )
-            recipe = dataclasses.replace(recipe, speed=measure_speed(graph, int8, size))
+            engine = ENGINES[recipe.engine] if recipe.engine != CPU_ENGINE.name else None  # gated and timed there
+            recipe = dataclasses.replace(recipe, speed=measure_speed(graph, int8, size, engine=engine))
             log(speed_verdict(recipe))
             proto, graph = onnx.load_from_string(int8), int8
         log(f"checking accuracy against float32 PyTorch on {len(gate)} natural images…")
-        accuracy = check_accuracy(reference, graph, info.precision, gate)
+        accuracy = check_accuracy(reference, graph, info.precision, gate, engine=engine)
         log(f"accuracy {accuracy.summary()}")
         if not accuracy.passed and info.weights == "random_init":
             # Untrained weights have near-uniform probabilities and no decisions worth keeping: the figures

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         ["cuda", "cpu"], description="execution providers, in order of preference"
     )
     require_gpu: bool = Field(False, description="exit at start-up if CUDA is asked for but not used")
-    engine: Literal["auto", "cpu", "openvino-fp32", "openvino-bf16"] = Field(
+    engine: Literal["auto", "cpu", "openvino", "openvino-bf16"] = Field(
         "auto",
         description="the CPU's engine (execution provider and the precision it computes in): auto measures those "
         "this host offers and the artifact's gate allows and serves the fastest; a name fixes it (where the host "

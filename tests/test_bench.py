@@ -47,7 +47,7 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     assert "HTTP throughput / naive OpenVINO server's" in table
     # Raw engines × precisions × batch sizes, and the limit on the fastest engine the gate allows.
     assert "| engine cpu (fp32), 1 thread | batch 4 |" in table
-    assert "| engine openvino-fp32 (fp32), 1 thread | batch 4 |" in table
+    assert "| engine openvino (fp32), 1 thread | batch 4 |" in table
     assert "limits by engine" in table
     assert "served with engine " in table  # which engine the server chose, as GET /models says
     assert "the most any server could lead it by here" in table  # the limit over the baseline

@@ -3,8 +3,9 @@ artifact's gates allow. The service chooses among them by measurement, ``deepvit
 gate the reduced ones; both ask this module, so that they cannot disagree on what an engine is.
 
 - ``cpu``: ONNX Runtime's CPU execution provider, in the artifact's own precision (today's path; always there);
-- ``openvino-fp32``: ONNX Runtime's OpenVINO execution provider (the ``onnxruntime-ep-openvino`` plugin) on
-  the CPU, in float32 (``INFERENCE_PRECISION_HINT`` f32: OpenVINO's default on a CPU with AMX is bf16);
+- ``openvino``: ONNX Runtime's OpenVINO execution provider (the ``onnxruntime-ep-openvino`` plugin) on
+  the CPU, in the artifact's precision (``INFERENCE_PRECISION_HINT`` f32: OpenVINO's default on a CPU with
+  AMX is bf16; an int8 QDQ graph computes in int8);
 - ``openvino-bf16``: the same in bf16, on the CPU's matrix engine (AMX, or AVX-512 BF16). A reduced precision:
   served only for an artifact whose gate passed for it (:func:`gate_verdict`). Offered where OpenVINO reports
   the CPU's BF16 capability; elsewhere OpenVINO emulates bf16 some 20 times slower than float32 (measured on
@@ -46,9 +47,9 @@ class Engine:
 
 
 CPU_ENGINE = Engine("cpu", "CPUExecutionProvider", "artifact", "cpu")
-OPENVINO_FP32 = Engine("openvino-fp32", OPENVINO, "fp32", "openvino")
+OPENVINO_ENGINE = Engine("openvino", OPENVINO, "artifact", "openvino")
 OPENVINO_BF16 = Engine("openvino-bf16", OPENVINO, "bf16", "openvino")
-ENGINES = {e.name: e for e in (CPU_ENGINE, OPENVINO_FP32, OPENVINO_BF16)}
+ENGINES = {e.name: e for e in (CPU_ENGINE, OPENVINO_ENGINE, OPENVINO_BF16)}
 REDUCED = tuple(e for e in ENGINES.values() if e.reduced)
 
 
@@ -108,22 +109,25 @@ def host_engines(emulated: bool = False) -> HostEngines:
         return HostEngines((CPU_ENGINE,), {e.name: found for e in ENGINES.values() if e.provider == OPENVINO})
     capabilities = found[1].get("OPTIMIZATION_CAPABILITIES", "").split()
     if "BF16" in capabilities or emulated:
-        return HostEngines((CPU_ENGINE, OPENVINO_FP32, OPENVINO_BF16))
+        return HostEngines((CPU_ENGINE, OPENVINO_ENGINE, OPENVINO_BF16))
     why = (
         f"OpenVINO reports no BF16 capability on this CPU (no AMX or AVX-512 BF16; it has {' '.join(capabilities)}): "
         "bf16 would be emulated, slower than float32"
     )
-    return HostEngines((CPU_ENGINE, OPENVINO_FP32), {OPENVINO_BF16.name: why})
+    return HostEngines((CPU_ENGINE, OPENVINO_ENGINE), {OPENVINO_BF16.name: why})
 
 
 def gate_verdict(meta: ArtifactMetadata, engine: Engine) -> tuple[bool, str]:
     """Whether ``engine`` may compute this artifact, and why: a reduced precision only where the artifact's
-    gate for that engine passed (random weights: recorded, not enforced); OpenVINO only for float32 graphs
-    (an fp16 or int8 artifact's own gate ran on the CPU provider)."""
+    gate for that engine passed (random weights: recorded, not enforced); OpenVINO computes a float32 graph,
+    or a reduced one whose own gate ran on it (int8 by NNCF); the CPU provider, what export gated."""
     if engine.provider == OPENVINO and meta.precision != "fp32":
-        return False, f"the artifact is {meta.precision}; its gate ran on the CPU provider, not on {engine.name}"
+        if engine.reduced or meta.accuracy.get("engine") != engine.name:
+            where = meta.accuracy.get("engine") or "the CPU provider"
+            return False, f"the artifact is {meta.precision}, gated on {where}, not on {engine.name}"
+        return True, f"its {meta.precision} gate ran on {engine.name} at export"
     if not engine.reduced:
-        return True, "float32: the parity gate holds"
+        return True, f"{meta.precision}: gated at export"
     gate = meta.engine_gates.get(engine.name)
     if not isinstance(gate, dict) or "passed" not in gate:
         return False, f"the artifact records no {engine.precision} gate for {engine.name} (export or verify it there)"

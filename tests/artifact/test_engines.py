@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from deepvit.artifact import ArtifactMetadata, engines
-from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_FP32, gate_verdict, host_engines
+from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_ENGINE, gate_verdict, host_engines
 from deepvit.artifact.session import open_session, read_metadata
 
 # The plugin is a dependency where its wheels exist.
@@ -51,9 +51,9 @@ def test_bf16_is_refused_where_its_gate_failed_or_never_ran(exported_tiny_patch:
     assert ok
     assert "not enforced" in why
     # float32 engines need no gate beyond parity; OpenVINO takes float32 graphs only.
-    assert gate_verdict(failed, OPENVINO_FP32)[0]
+    assert gate_verdict(failed, OPENVINO_ENGINE)[0]
     assert gate_verdict(failed, CPU_ENGINE)[0]
-    assert not gate_verdict(_meta(exported_tiny_patch, precision="int8"), OPENVINO_FP32)[0]
+    assert not gate_verdict(_meta(exported_tiny_patch, precision="int8"), OPENVINO_ENGINE)[0]
 
 
 def test_without_the_plugin_only_the_cpu_is_offered_and_why_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +61,7 @@ def test_without_the_plugin_only_the_cpu_is_offered_and_why_is_said(monkeypatch:
     host = host_engines()
     assert host.offered == (CPU_ENGINE,)
     assert host.absent == {
-        "openvino-fp32": "the OpenVINO execution provider plugin is not installed",
+        "openvino": "the OpenVINO execution provider plugin is not installed",
         "openvino-bf16": "the OpenVINO execution provider plugin is not installed",
     }
 
@@ -72,16 +72,16 @@ def test_without_bf16_in_the_cpu_bf16_is_not_offered_unless_emulated(monkeypatch
     without = {**caps, "OPTIMIZATION_CAPABILITIES": "WINOGRAD FP32 INT8 BIN EXPORT_IMPORT"}
     monkeypatch.setattr(engines, "openvino_device", lambda: (device, without))
     host = host_engines()
-    assert host.offered == (CPU_ENGINE, OPENVINO_FP32)
+    assert host.offered == (CPU_ENGINE, OPENVINO_ENGINE)
     assert "no BF16 capability" in host.absent["openvino-bf16"]
-    assert host_engines(emulated=True).offered == (CPU_ENGINE, OPENVINO_FP32, OPENVINO_BF16)
+    assert host_engines(emulated=True).offered == (CPU_ENGINE, OPENVINO_ENGINE, OPENVINO_BF16)
     with_bf16 = {**caps, "OPTIMIZATION_CAPABILITIES": "FP32 BF16 INT8"}
     monkeypatch.setattr(engines, "openvino_device", lambda: (device, with_bf16))
     assert OPENVINO_BF16 in host_engines().offered
 
 
 @needs_plugin
-@pytest.mark.parametrize(("engine", "tolerance"), [(OPENVINO_FP32, 1e-4), (OPENVINO_BF16, 5e-2)])
+@pytest.mark.parametrize(("engine", "tolerance"), [(OPENVINO_ENGINE, 1e-4), (OPENVINO_BF16, 5e-2)])
 def test_openvino_computes_as_the_cpu_provider_within_its_precision(
     exported_tiny_patch: Path, engine: engines.Engine, tolerance: float
 ) -> None:
@@ -105,4 +105,4 @@ def test_one_scheduler_the_sessions_threads_and_one_stream() -> None:
         "NUM_STREAMS": "1",
         "ENABLE_CPU_PINNING": "NO",
     }
-    assert engines.load_config(OPENVINO_FP32, 2)["INFERENCE_PRECISION_HINT"] == "f32"
+    assert engines.load_config(OPENVINO_ENGINE, 2)["INFERENCE_PRECISION_HINT"] == "f32"

@@ -17,7 +17,7 @@ import pytest
 from inprocess import InProcessApp
 from serving import metric_samples
 
-from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_FP32, HostEngines
+from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_ENGINE, HostEngines
 from deepvit.service.config import Settings
 from deepvit.service.engines import EngineRequiredError
 from deepvit.service.metrics import Metrics
@@ -76,7 +76,7 @@ def test_the_fastest_engine_serves_and_the_choice_is_reported(
     with caplog.at_level(logging.INFO, logger="deepvit.repository"):
         engine, _ = _load(artifact, Settings(model_repository=artifact.parents[2], providers=["cpu"]), metrics)
     rates = engine["warmup_images_per_s"]
-    assert set(rates) == {"cpu", "openvino-fp32"}  # both measured; this artifact records no bf16 gate
+    assert set(rates) == {"cpu", "openvino"}  # both measured; this artifact records no bf16 gate
     assert engine["name"] == max(rates, key=rates.get)
     assert engine["chosen_by"] == "measurement"
     assert (
@@ -106,7 +106,7 @@ def test_get_models_and_the_metric_name_the_engine(tiny_app: InProcessApp) -> No
 def test_without_the_plugin_todays_cpu_provider_serves(
     exported_tiny_patch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _host(monkeypatch, HostEngines((CPU_ENGINE,), {"openvino-fp32": PLUGIN_ABSENT, "openvino-bf16": PLUGIN_ABSENT}))
+    _host(monkeypatch, HostEngines((CPU_ENGINE,), {"openvino": PLUGIN_ABSENT, "openvino-bf16": PLUGIN_ABSENT}))
     artifact = _repository(exported_tiny_patch, tmp_path)
     settings = Settings(model_repository=artifact.parents[2], providers=["cpu"])
     engine, logits = _load(artifact, settings)
@@ -114,18 +114,18 @@ def test_without_the_plugin_todays_cpu_provider_serves(
     assert engine["not_used"]["openvino-bf16"] == PLUGIN_ABSENT
     assert np.isfinite(logits).all()
     # Asked for by name: today's path, saying why; fatal when required.
-    engine, _ = _load(artifact, settings.model_copy(update={"engine": "openvino-fp32"}))
+    engine, _ = _load(artifact, settings.model_copy(update={"engine": "openvino"}))
     assert (engine["name"], engine["chosen_by"]) == ("cpu", "fallback")
     assert PLUGIN_ABSENT in engine["reason"]
     with pytest.raises(EngineRequiredError, match="DEEPVIT_REQUIRE_ENGINE"):
-        _load(artifact, settings.model_copy(update={"engine": "openvino-fp32", "require_engine": True}))
+        _load(artifact, settings.model_copy(update={"engine": "openvino", "require_engine": True}))
 
 
 def test_bf16_is_refused_for_an_artifact_whose_gate_failed(
     exported_tiny_patch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A constructed case: trained weights whose recorded bf16 gate failed, on a host offering bf16."""
-    _host(monkeypatch, HostEngines((CPU_ENGINE, OPENVINO_FP32, OPENVINO_BF16)))
+    _host(monkeypatch, HostEngines((CPU_ENGINE, OPENVINO_ENGINE, OPENVINO_BF16)))
     gates = json.dumps({"openvino-bf16": BF16_GATE})
     artifact = _repository(exported_tiny_patch, tmp_path, **{"deepvit.engine_gates": gates})
     settings = Settings(model_repository=artifact.parents[2], providers=["cpu"], engine="openvino-bf16")
@@ -136,14 +136,14 @@ def test_bf16_is_refused_for_an_artifact_whose_gate_failed(
         _load(artifact, settings.model_copy(update={"require_engine": True}))
     # By measurement it is never a candidate.
     engine, _ = _load(artifact, settings.model_copy(update={"engine": "auto"}))
-    assert set(engine["warmup_images_per_s"]) == {"cpu", "openvino-fp32"}
+    assert set(engine["warmup_images_per_s"]) == {"cpu", "openvino"}
     assert "gate failed" in engine["not_used"]["openvino-bf16"]
 
 
 def test_bf16_computes_where_its_gate_passed(
     exported_tiny_patch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _host(monkeypatch, HostEngines((CPU_ENGINE, OPENVINO_FP32, OPENVINO_BF16)))
+    _host(monkeypatch, HostEngines((CPU_ENGINE, OPENVINO_ENGINE, OPENVINO_BF16)))
     gates = json.dumps({"openvino-bf16": {**BF16_GATE, "top1_agreement": 1.0, "passed": True}})
     artifact = _repository(exported_tiny_patch, tmp_path, **{"deepvit.engine_gates": gates})
     settings = Settings(model_repository=artifact.parents[2], providers=["cpu"], warmup=False)
