@@ -285,3 +285,33 @@ def test_nncf_needs_calibration_images(tmp_path: Path, run_deepvit: Any) -> None
     assert result.code != 0
     assert "--calibration" in result.stderr
     assert not out.exists()
+
+
+def test_an_fp32_export_records_the_bf16_gate_of_the_engine_and_verify_reruns_it(
+    tmp_path: Path, run_deepvit: Any
+) -> None:
+    """bf16 on the CPU's matrix engine is gated like fp16 and int8, on the engine that computes it (emulated
+    where this CPU lacks bf16: --engine-gates all); the float32 artifact is written either way."""
+    out = tmp_path / "model.onnx"
+    result = run_deepvit("export", *TINY_CNN, "--ema", "--engine-gates", "all", "--output", out)
+    assert result.code == 0, result.stderr
+    meta = read_metadata(out)
+    assert meta.precision == "fp32"
+    gate = meta.engine_gates["openvino-bf16"]
+    assert (gate["precision"], gate["engine"], gate["provider"]) == (
+        "bf16",
+        "openvino-bf16",
+        "OpenVINOExecutionProvider",
+    )
+    assert gate["images"] == PHOTO_VIEWS
+    assert 0 <= gate["mean_abs_prob_diff"] <= gate["max_abs_prob_diff"]
+    assert gate["passed"] == (gate["top1_agreement"] >= 0.99)
+    assert "openvino-bf16 gate" in result.stderr
+    assert meta.to_public_dict()["engine_gates"] == meta.engine_gates  # GET /models and deepvit inspect show it
+    verified = run_deepvit("verify", out, "--checkpoint", TINY_CNN[3], "--ema", "--engine-gates", "all")
+    assert verified.code == 0, verified.stderr
+    again = json.loads(verified.stdout)["engine_gates"]["openvino-bf16"]
+    assert again["top1_agreement"] == gate["top1_agreement"]
+    none = run_deepvit("export", *TINY_CNN, "--ema", "--engine-gates", "none", "--output", tmp_path / "none.onnx")
+    assert none.code == 0, none.stderr
+    assert read_metadata(tmp_path / "none.onnx").engine_gates == {}
