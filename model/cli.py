@@ -196,7 +196,7 @@ def _export(args: argparse.Namespace) -> int:
         source = "random_init"
         _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
     if args.calibration is not None and args.precision == "fp32":
-        _log("note: --calibration only adds to the gate of fp16 and int8; float32 is gated on parity alone")
+        _log("note: --calibration adds to the gates of fp16, int8 and the bf16 engine; float32 is gated on parity")
     info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision, explain=args.explain)
     export_artifact(
         model,
