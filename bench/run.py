@@ -8,8 +8,11 @@
    at the same concurrencies (``bench/grpc_load.py``: Triton's own client);
 5. the baseline a user would otherwise pick (``bench/baseline.py``: plain FastAPI, one ONNX Runtime call per
    request), driven by ``hey`` like ours, interleaved with it by concurrency;
+6. the baseline a user who knows OpenVINO would write (``bench/baseline_openvino.py``: OpenVINO's own runtime
+   with its throughput hint and default precision, one call per request), the same way;
 
-beside the machine's limit (``bench/limit.py``), and a chart of throughput and p99 against concurrency.
+beside every engine's single-threaded time per image by batch size and the machine's limit on the fastest
+engine the artifact's gate allows (``bench/limit.py``), and a chart of throughput and p99 against concurrency.
 Ratios between the layers are the figures to quote: the machine may be shared and noisy.
 """
 
@@ -37,11 +40,11 @@ import numpy as np
 from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.service.config import Settings
 from deepvit.service.models.disk import scan_repository
-from deepvit.service.runtime import ModelRuntime
+from deepvit.service.runtime import GPU_PROVIDERS, ModelRuntime
 
 from .chart import draw
 from .grpc_load import drive
-from .limit import measure_limit
+from .limit import MachineLimit, measure_limits
 from .report import percentile_ms
 from .server import free_port, serve, start, stop, wait_ready
 
@@ -153,49 +156,63 @@ def bench_http(
     baseline: bool = True,
 ) -> tuple[list[Row], str]:
     """The service over HTTP (hey on /classify) and the same process over gRPC, and (with ``baseline``) the
-    naive baseline server over HTTP: same model, same photo, interleaved by concurrency so that a shared
-    machine's drift favours none of them. Also returns how the server batched the model (its warm-up's
-    choices, from ``GET /models``)."""
+    naive baseline servers over HTTP (ONNX Runtime's, OpenVINO's): same model, same photo, interleaved by
+    concurrency so that a shared machine's drift favours none of them. Also returns how the server batched
+    the model and which engine computes it (its warm-up's choices, from ``GET /models``)."""
     hey = shutil.which("hey")
     if hey is None:
         raise SystemExit("deepvit bench: the HTTP layer needs hey (Debian: apt-get install hey)")
-    port, grpc_port, baseline_port = free_port(), free_port(), free_port()
+    port, grpc_port = free_port(), free_port()
     proc = serve(repository, model, port, log, {"DEEPVIT_GRPC_PORT": str(grpc_port)})
-    baseline_cmd = [sys.executable, "-m", "deepvit.bench.baseline", str(artifact), "--port", str(baseline_port)]
-    naive_proc = start(baseline_cmd, dict(os.environ), log.with_suffix(".baseline.log")) if baseline else None
-    url, baseline_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{baseline_port}"
+    naive: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}  # layer -> (url, process)
+    if baseline:
+        for layer, module, suffix in NAIVE_SERVERS:
+            naive_port = free_port()
+            cmd = [sys.executable, "-m", module, str(artifact), "--port", str(naive_port)]
+            naive[layer] = (f"http://127.0.0.1:{naive_port}", start(cmd, dict(os.environ), log.with_suffix(suffix)))
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
         batching = _batching(url, model)
-        if naive_proc is not None:
-            wait_ready(baseline_url, naive_proc)
-        http, grpc, naive = [], [], []
+        for naive_url, naive_proc in naive.values():
+            wait_ready(naive_url, naive_proc)
+        http, grpc, naives = [], [], []
         target = f"127.0.0.1:{grpc_port}"
         for c in concurrencies:
             run_hey(hey, url + "/classify", photo, c, 1)  # not measured: connections and queues warm up
             http.append(run_hey(hey, url + "/classify", photo, c, duration_s))
             run_grpc(target, model, photo, c, 1)
             grpc.append(run_grpc(target, model, photo, c, duration_s))
-            if naive_proc is not None:
-                run_hey(hey, baseline_url + "/classify", photo, c, 1)
-                r = run_hey(hey, baseline_url + "/classify", photo, c, duration_s)
-                naive.append(Row("naive baseline", r.setting, r.images_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.errors))
-        return http + grpc + naive, batching
+            for layer, (naive_url, _) in naive.items():
+                run_hey(hey, naive_url + "/classify", photo, c, 1)
+                r = run_hey(hey, naive_url + "/classify", photo, c, duration_s)
+                naives.append(Row(layer, r.setting, r.images_per_s, r.p50_ms, r.p95_ms, r.p99_ms, r.errors))
+        return http + grpc + naives, batching
     finally:
         stop(proc)
-        if naive_proc is not None:
+        for _, naive_proc in naive.values():
             stop(naive_proc)
-        log.with_suffix(".baseline.log").unlink(missing_ok=True)
+        for _, _, suffix in NAIVE_SERVERS:
+            log.with_suffix(suffix).unlink(missing_ok=True)
+
+
+# The naive servers a user would otherwise write: (layer, module, log suffix).
+NAIVE_SERVERS = (
+    ("naive baseline", "deepvit.bench.baseline", ".baseline.log"),
+    ("naive OpenVINO", "deepvit.bench.baseline_openvino", ".baseline-openvino.log"),
+)
 
 
 def _batching(url: str, model: str) -> str:
-    """How the server batches ``model``, as its ``GET /models`` says."""
+    """How the server batches ``model`` and which engine computes it, as its ``GET /models`` says."""
     with urllib.request.urlopen(url + "/models", timeout=10) as r:
         found = [m for m in json.load(r)["models"] if m["name"] == model]
     b = found[0]["batching"]
     solo = " and a solo session over every core" if b.get("solo_session") else ""
+    e = found[0].get("engine") or {}
+    engine = f"engine {e['name']} ({e['precision']}, chosen by {e['chosen_by']}), " if e else ""
     return (
-        f"batches of at most {b['max_batch_size']} (chosen by {b['chosen_by']}), {b['instances']} instance(s) "
+        f"{engine}batches of at most {b['max_batch_size']} (chosen by {b['chosen_by']}), {b['instances']} instance(s) "
         f"(chosen by {b['instances_chosen_by']}){solo}"
     )
 
@@ -238,6 +255,23 @@ def _overhead_at_c1(rows: list[Row], decode_ms: float) -> str:
     )
 
 
+def engine_rows(limits: Sequence[MachineLimit]) -> list[Row]:
+    """Raw engines × precisions × batch sizes: each engine's single-threaded images/s by batch size (its
+    milliseconds per image in the p50 column)."""
+    rows = []
+    for lim in limits:
+        refused = "" if lim.allowed else ", its gate refuses it"
+        layer = f"engine {lim.engine} ({lim.precision}), 1 thread{refused}"
+        rows += [Row(layer, f"batch {b}", 1000.0 / ms, p50_ms=ms) for b, ms in lim.infer_ms_by_batch.items()]
+    return rows
+
+
+def _limits(limits: Sequence[MachineLimit]) -> str:
+    return ", ".join(
+        f"{m.engine} ({m.precision}) {m.images_per_s:.1f} img/s{'' if m.allowed else ' (gate refuses)'}" for m in limits
+    )
+
+
 def served_model(repository: Path, model: str | None) -> tuple[str, int, Path]:
     """The model a benchmark serves (``model``, or the repository's first), its latest version and that
     version's artifact."""
@@ -272,15 +306,21 @@ def run_bench(
 ) -> str:
     name, version, artifact = served_model(repository, model)
     photos = photographs(photos_dir)
+    print(f"benchmarking {name} v{version}: every engine, single-threaded…", file=sys.stderr, flush=True)
+    limits = measure_limits(artifact, photos[0].read_bytes(), batch_sizes, min_time_s)
+    limit = limits[0]  # the fastest engine the artifact's gate allows
     settings = Settings(model_repository=repository, providers=["cuda", "cpu"])
     rt = ModelRuntime(artifact, settings)
-    print(f"benchmarking {name} v{version} on {rt.provider}…", file=sys.stderr, flush=True)
+    if rt.provider not in GPU_PROVIDERS.values() and rt.engine.name != limit.engine:
+        rt = ModelRuntime(artifact, settings.model_copy(update={"engine": limit.engine}))
+    print(f"benchmarking {name} v{version} on {rt.engine.name} ({rt.precision})…", file=sys.stderr, flush=True)
     rows = bench_runtime(rt, batch_sizes, min_time_s)
     rows.append(bench_pipeline(rt, photos[0].read_bytes(), settings.max_batch_size, os.cpu_count() or 2, min_time_s))
+    rows += engine_rows(limits)
     m = rt.meta
     described = f"{m.arch}, {m.preprocess.crop_size} px, {m.precision}, {m.weights}"
+    raw_engine = f"{rt.engine.name} ({rt.precision})"
     del rt  # free the session before the servers take the cores
-    limit = measure_limit(artifact, photos[0].read_bytes(), batch_sizes, min_time_s)
     log = (output or Path(".")) / f".bench-{name}-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     served, batching = bench_http(repository, name, artifact, photos[0], concurrencies, duration_s, log)
@@ -293,6 +333,8 @@ def run_bench(
     versus = ", ".join(f"{k.split()[-1]}: {g / v:.2f}x" for (k, v), g in zip(http.items(), grpc, strict=True))
     naive = [r.images_per_s for r in rows if r.layer == "naive baseline"]
     over_naive = ", ".join(f"{k.split()[-1]}: {v / b:.2f}x" for (k, v), b in zip(http.items(), naive, strict=True))
+    naive_ov = [r.images_per_s for r in rows if r.layer == "naive OpenVINO"]
+    over_ov = ", ".join(f"{k.split()[-1]}: {v / b:.2f}x" for (k, v), b in zip(http.items(), naive_ov, strict=True))
     of_limit = ", ".join(f"{k.split()[-1]}: {v / limit.images_per_s:.2f}" for k, v in http.items())
     # No server serves more than the limit: where the baseline comes close, this bounds any lead over it.
     headroom = ", ".join(f"{k.split()[-1]}: {limit.images_per_s / b:.2f}x" for k, b in zip(http, naive, strict=True))
@@ -305,7 +347,11 @@ def run_bench(
         f"gRPC throughput / HTTP throughput, by concurrency: {versus}\n\n"
         f"HTTP throughput / naive baseline's (one ONNX Runtime call per request), by concurrency: {over_naive}; "
         f"the most any server could lead it by here (machine limit / baseline's throughput): {headroom}\n\n"
-        f"{limit.describe()}; HTTP throughput / machine limit, by concurrency: {of_limit}"
+        f"HTTP throughput / naive OpenVINO server's (its throughput hint, one call per request), by concurrency: "
+        f"{over_ov}\n\n"
+        f"{limit.describe()}; HTTP throughput / machine limit, by concurrency: {of_limit}\n\n"
+        f"limits by engine (single-threaded, each at its best batch): {_limits(limits)}; the onnxruntime rows "
+        f"below computed on {raw_engine}, over every core"
         f"{header_overhead}"
     )
     table = render(rows, header)

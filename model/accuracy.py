@@ -12,10 +12,10 @@ first).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from deepvit.artifact import ArtifactError, PreprocessSpec
+from deepvit.artifact.engines import REDUCED, Engine, host_engines
 from deepvit.artifact.pixels import load_file, transform
 from deepvit.artifact.session import CPU, Provider, open_session
 
@@ -133,6 +134,8 @@ class AccuracyReport:
     mean_abs_prob_diff: float
     max_abs_prob_diff: float
     provider: str
+    engine: str = ""  # the engine that computed it, where not the provider's own (e.g. openvino-bf16)
+    emulated: bool = False  # the engine's precision emulated on a CPU without it (the gate of a small model)
 
     @property
     def passed(self) -> bool:
@@ -148,6 +151,7 @@ class AccuracyReport:
             "mean_abs_prob_diff": self.mean_abs_prob_diff,
             "max_abs_prob_diff": self.max_abs_prob_diff,
             "provider": self.provider,
+            **({"engine": self.engine, "emulated": self.emulated} if self.engine else {}),
             "gate": f"top-1 agreement >= {MIN_TOP1_AGREEMENT} on natural images",
             "passed": self.passed,
         }
@@ -156,7 +160,7 @@ class AccuracyReport:
         return (
             f"{self.precision} on natural images: top-1 agreement {self.top1_agreement:.2%}, mean |dp| "
             f"{self.mean_abs_prob_diff:.2g} (max {self.max_abs_prob_diff:.2g}) over {self.images} images "
-            f"({self.provider})"
+            f"({self.engine or self.provider}{', emulated' if self.emulated else ''})"
         )
 
 
@@ -173,10 +177,13 @@ def check_accuracy(
     precision: str,
     images: GateImages,
     providers: Sequence[Provider] = CPU,
+    engine: Engine | None = None,
+    emulated: bool = False,
 ) -> AccuracyReport:
     """``reference`` (float32 PyTorch, taking the artifact's uint8 NHWC input) against the artifact, run by
-    ONNX Runtime on ``providers``: the provider that will serve is the one whose figures count."""
-    session = open_session(onnx_model, providers)
+    ONNX Runtime on ``providers`` (or on ``engine``, :mod:`deepvit.artifact.engines`): the provider or engine
+    that will serve is the one whose figures count."""
+    session = open_session(onnx_model, providers, engine=engine)
     name = session.get_inputs()[0].name
     reference.eval()
     agree, diffs = 0, []
@@ -200,4 +207,44 @@ def check_accuracy(
         mean_abs_prob_diff=float(d.mean()),
         max_abs_prob_diff=float(d.max()),
         provider=str(session.get_providers()[0]),
+        engine=engine.name if engine is not None else "",
+        emulated=emulated,
     )
+
+
+EngineGates = Literal["auto", "all", "none"]
+
+
+def check_engines(
+    reference: nn.Module,
+    onnx_model: bytes | str,
+    images: GateImages | None,
+    which: EngineGates = "auto",
+    log: Callable[[str], None] = print,
+    enforced: bool = True,
+) -> dict[str, Any]:
+    """The gate of every reduced-precision engine (:mod:`deepvit.artifact.engines`) that could compute this
+    float32 graph, run on that engine: what ``deepvit.engine_gates`` records, by engine name. ``auto``: the
+    engines this host computes natively; ``all``: emulated ones too (bf16 on a CPU without it: some 20 times
+    slower than float32, for a small model); ``none``: no engine gate (such an engine is then not used).
+    ``enforced=False`` (random weights): a failure is recorded and said, and the service still uses it."""
+    if which == "none":
+        return {}
+    native = host_engines()
+    host = host_engines(emulated=which == "all")
+    out: dict[str, Any] = {}
+    for engine in REDUCED:
+        if engine not in host.offered:
+            log(f"{engine.name} not gated here: {host.absent.get(engine.name, 'not offered')}")
+            continue
+        if images is None:
+            log(f"{engine.name} not gated: no natural images (give --gate-images DIR); it will not be used")
+            continue
+        emulated = engine not in native.offered
+        report = check_accuracy(reference, onnx_model, engine.precision, images, engine=engine, emulated=emulated)
+        verdict = "passed" if report.passed else "FAILED (the engine will not compute this artifact)"
+        if not report.passed and not enforced:
+            verdict = "fails, not enforced: random weights (recorded)"
+        log(f"{engine.name} gate {verdict}: {report.summary()}")
+        out[engine.name] = report.to_dict()
+    return out

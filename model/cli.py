@@ -58,6 +58,20 @@ def register(sub: Any) -> None:
         help="photographs the accuracy gate of fp16 and int8 takes views of (default: the project's, in a checkout)",
     )
     p.add_argument(
+        "--int8-recipe",
+        choices=["ort", "nncf"],
+        default="ort",
+        help="int8: ONNX Runtime's quantizer (dynamic, or static with --calibration), or NNCF's post-training "
+        "quantization (needs --calibration and the nncf package), gated and timed on the OpenVINO engine",
+    )
+    p.add_argument(
+        "--engine-gates",
+        choices=["auto", "all", "none"],
+        default="auto",
+        help="fp32: also gate each reduced-precision engine (bf16 on the CPU's matrix engine through OpenVINO) on "
+        "natural images; auto: the engines this host computes natively, all: emulated ones too (slow)",
+    )
+    p.add_argument(
         "--explain",
         action="store_true",
         help="add the 'attention' output (attention rollout over the patch grid) that POST /explain serves",
@@ -80,6 +94,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--gate-images", type=Path, metavar="DIR", help="fp16 and int8: photographs for the accuracy gate")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="fp16 and int8: further images for the gate")
+    p.add_argument(
+        "--engine-gates",
+        choices=["auto", "all", "none"],
+        default="auto",
+        help="fp32: re-run the gate of each reduced-precision engine (as export); one the artifact records as "
+        "passed must pass again",
+    )
     p.set_defaults(handler=_verify, model_side=True)
 
     from .training import cli as training_cli  # train, evaluate
@@ -175,9 +196,18 @@ def _export(args: argparse.Namespace) -> int:
         source = "random_init"
         _log("WARNING: random initial weights (--random-init): this model is untrained and its answers mean nothing")
     if args.calibration is not None and args.precision == "fp32":
-        _log("note: --calibration only adds to the gate of fp16 and int8; float32 is gated on parity alone")
+        _log("note: --calibration adds to the gates of fp16, int8 and the bf16 engine; float32 is gated on parity")
     info = ArtifactInfo(name, arch, cfg, labels, source, sha, args.precision, explain=args.explain)
-    export_artifact(model, info, args.output, gate_photos=args.gate_images, calibration=args.calibration, log=_log)
+    export_artifact(
+        model,
+        info,
+        args.output,
+        gate_photos=args.gate_images,
+        calibration=args.calibration,
+        engine_gates=args.engine_gates,
+        int8_recipe=args.int8_recipe,
+        log=_log,
+    )
     return 0
 
 
@@ -209,9 +239,10 @@ def _verify(args: argparse.Namespace) -> int:
     recorded = meta.checkpoint_sha256
     if recorded and recorded != sha:
         _log(f"WARNING: checkpoint sha256 {sha[:12]}… differs from the one recorded at export ({recorded[:12]}…)")
+    from deepvit.artifact.engines import ENGINES, OPENVINO
     from deepvit.artifact.session import open_session, providers_for
 
-    from .accuracy import check_accuracy, folder_images, gate_images
+    from .accuracy import check_accuracy, check_engines, folder_images, gate_images
     from .parity import ParityError
 
     providers = providers_for(args.provider)
@@ -230,11 +261,21 @@ def _verify(args: argparse.Namespace) -> int:
     if meta.precision != "fp32":
         spec = meta.preprocess
         calibration = folder_images(args.calibration, spec) if args.calibration else None
-        accuracy = check_accuracy(
-            reference, str(args.artifact), meta.precision, gate_images(spec, args.gate_images, calibration), providers
-        )
+        images = gate_images(spec, args.gate_images, calibration)
+        engine = ENGINES.get(str(meta.accuracy.get("engine", ""))) if args.provider == "cpu" else None
+        engine = engine if engine is not None and engine.provider == OPENVINO else None  # where export gated it
+        accuracy = check_accuracy(reference, str(args.artifact), meta.precision, images, providers, engine=engine)
         out["accuracy"] = accuracy.to_dict()
         passed = passed and accuracy.passed
         _log(f"accuracy {'ok' if accuracy.passed else 'FAILED'}: {accuracy.summary()}")
+    if meta.precision == "fp32" and args.engine_gates != "none" and args.provider == "cpu":
+        calibration = folder_images(args.calibration, meta.preprocess) if args.calibration else None
+        images = gate_images(meta.preprocess, args.gate_images, calibration)
+        engines = check_engines(reference, str(args.artifact), images, args.engine_gates, _log)
+        out["engine_gates"] = engines
+        for name, gate in engines.items():  # what the artifact says passed must pass again
+            if meta.engine_gates.get(name, {}).get("passed") and not gate["passed"]:
+                passed = False
+                _log(f"{name}: the artifact records its gate as passed, and it fails now")
     print(json.dumps({**out, "passed": passed}, indent=2))
     return 0 if passed else 1

@@ -23,8 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, AttentionSpec
+from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Engine
 
-from .accuracy import AccuracyReport, check_accuracy, folder_images, gate_images
+from .accuracy import (
+    AccuracyReport,
+    EngineGates,
+    NoGateImagesError,
+    check_accuracy,
+    check_engines,
+    folder_images,
+    gate_images,
+)
 from .atomic import atomic_path
 from .config import DeepViTConfig
 from .layers import Attention
@@ -78,7 +87,11 @@ class ArtifactInfo:
     explain: bool = False  # the graph also outputs the attention rollout
 
     def metadata(
-        self, parity: ParityReport, accuracy: AccuracyReport | None = None, quantization: Quantization | None = None
+        self,
+        parity: ParityReport,
+        accuracy: AccuracyReport | None = None,
+        quantization: Quantization | None = None,
+        engine_gates: dict[str, Any] | None = None,
     ) -> ArtifactMetadata:
         return ArtifactMetadata(
             name=self.name,
@@ -93,6 +106,7 @@ class ArtifactInfo:
             parity=parity.to_dict(),
             accuracy=accuracy.to_dict() if accuracy else {},
             quantization=quantization.to_dict() if quantization else {},
+            engine_gates=engine_gates or {},
             versions=tool_versions(),
             exported_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             attention=AttentionSpec(self.config.img_size // self.config.patch_size, ROLLOUT_DEFINITION)
@@ -103,7 +117,16 @@ class ArtifactInfo:
 
 def tool_versions() -> dict[str, str]:
     out = {}
-    for dist in ("deepvit-serve", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime"):
+    dists = (
+        "deepvit-serve",
+        "torch",
+        "onnx",
+        "onnxscript",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "onnxruntime-ep-openvino",
+    )
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -191,13 +214,17 @@ def export_artifact(
     parity_batch_sizes: tuple[int, ...] | None = None,
     gate_photos: Path | None = None,
     calibration: Path | None = None,
+    engine_gates: EngineGates = "auto",
+    int8_recipe: Literal["ort", "nncf"] = "ort",
     log: Callable[[str], None] = print,
 ) -> ParityReport:
     """Export, gate, then write ``output`` atomically. Raises ParityError and writes nothing.
 
     Every artifact is gated on parity with PyTorch on noise images (float32 to numerical identity); a
     reduced precision also on natural images (:mod:`.accuracy`): ``gate_photos`` (the project's photographs
-    by default) and the ``calibration`` folder, which for int8 also calibrates static quantization."""
+    by default) and the ``calibration`` folder, which for int8 also calibrates static quantization. A float32
+    graph is also gated on the same images for each reduced-precision engine (``engine_gates``, bf16 on the
+    CPU's matrix engine): recorded, never blocking the float32 artifact; the service uses only what passed."""
     import onnx
 
     output = Path(output)
@@ -207,6 +234,10 @@ def export_artifact(
         raise ParityError(
             "--explain with --precision int8 is not offered: the quantized graph's attention output would not be "
             "gated; export the attention output in fp32 or fp16"
+        )
+    if int8_recipe == "nncf" and (info.precision != "int8" or calibration is None):
+        raise ParityError(
+            "--int8-recipe nncf quantizes to int8 calibrated on images: give --precision int8 and --calibration DIR"
         )
     reference = ImageClassifier(model, torch.float32, info.explain).eval()
     folded = rewrite_for_inference(model)
@@ -233,16 +264,22 @@ def export_artifact(
     recipe: Quantization | None = None
     if gate is not None:
         graph = proto.SerializeToString()
+        engine: Engine | None = None  # the CPU provider
         if info.precision == "int8":
             source = calibration.name if calibration else ""
             int8, recipe = quantize(
-                graph, None if calibration_images is None else calibration_images.images, source, log
+                graph,
+                None if calibration_images is None else calibration_images.images,
+                source,
+                log,
+                method="nncf" if int8_recipe == "nncf" else None,
             )
-            recipe = dataclasses.replace(recipe, speed=measure_speed(graph, int8, size))
+            engine = ENGINES[recipe.engine] if recipe.engine != CPU_ENGINE.name else None  # gated and timed there
+            recipe = dataclasses.replace(recipe, speed=measure_speed(graph, int8, size, engine=engine))
             log(speed_verdict(recipe))
             proto, graph = onnx.load_from_string(int8), int8
         log(f"checking accuracy against float32 PyTorch on {len(gate)} natural images…")
-        accuracy = check_accuracy(reference, graph, info.precision, gate)
+        accuracy = check_accuracy(reference, graph, info.precision, gate, engine=engine)
         log(f"accuracy {accuracy.summary()}")
         if not accuracy.passed and info.weights == "random_init":
             # Untrained weights have near-uniform probabilities and no decisions worth keeping: the figures
@@ -252,10 +289,18 @@ def export_artifact(
             raise ParityError(
                 f"accuracy gate failed, nothing written: {accuracy.summary()}; gate {accuracy.to_dict()['gate']}"
             )
+    engines: dict[str, Any] = {}
+    if info.precision == "fp32" and engine_gates != "none":
+        try:
+            images = gate_images(info.config.preprocessing, gate_photos, calibration_images)
+        except NoGateImagesError:
+            images = None
+        graph = proto.SerializeToString()
+        engines = check_engines(reference, graph, images, engine_gates, log, enforced=info.weights != "random_init")
     proto.producer_name = "deepvit-serve"
     proto.doc_string = f"DeepViT {info.arch} ImageNet-style classifier exported by deepvit-serve"
     del proto.metadata_props[:]
-    for key, value in info.metadata(report, accuracy, recipe).to_props().items():
+    for key, value in info.metadata(report, accuracy, recipe, engines).to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     with atomic_path(output) as tmp:

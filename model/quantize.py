@@ -14,6 +14,11 @@
   Entropy and Percentile (99.99, 99.999) calibration all agreed with float32 on 97.5–99.5% of the images
   and none beat dynamic (98.5–99.5%); MinMax, the simplest, is the one used.
 
+- **nncf** (``--int8-recipe nncf``, needs ``--calibration DIR``): NNCF's post-training quantization of the
+  ONNX graph (``nncf.quantize`` with ``model_type=TRANSFORMER``: its transformer scheme, SmoothQuant and bias
+  correction, calibrated on the folder's images), written as QDQ and computed by ONNX Runtime's OpenVINO
+  execution provider, whose int8 kernels use VNNI and AMX; its gate and its speed are measured on that engine.
+
 What was done is recorded in the artifact (``deepvit.quantization``), with the speed of the int8 graph
 beside the float32 one on the exporting machine: int8 does not always pay (on a very small model the
 quantize/dequantize steps cost more than the integer MatMuls save), and the export says so.
@@ -32,9 +37,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from deepvit.artifact.engines import Engine
 from deepvit.artifact.session import open_session
 
-Method = Literal["dynamic", "static"]
+Method = Literal["dynamic", "static", "nncf"]
 CALIBRATION_BATCH = 16
 MAX_CALIBRATION_IMAGES = 512
 SPEED_BATCH_SIZES = (1, 8)
@@ -68,6 +74,7 @@ class Quantization:
     quant_format: str = "QOperator"  # dynamic: MatMulInteger; static: QDQ pairs
     calibration: dict[str, Any] = field(default_factory=dict)
     speed: tuple[Speed, ...] = ()
+    engine: str = "cpu"  # the engine it is gated and timed on (deepvit.artifact.engines)
 
     @property
     def pays(self) -> bool:
@@ -77,7 +84,7 @@ class Quantization:
         d = asdict(self)
         d["op_types"] = list(self.op_types)
         d["speed"] = [s.to_dict() for s in self.speed]
-        d["tool"] = "onnxruntime.quantization"
+        d["tool"] = "nncf" if self.method == "nncf" else "onnxruntime.quantization"
         return d
 
 
@@ -115,11 +122,49 @@ def _without_preprocessing_hint() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def quantize(
-    fp32: bytes, calibration: np.ndarray | None, calibration_source: str = "", log: Callable[[str], None] = print
+def quantize_nncf(
+    fp32: bytes, calibration: np.ndarray, calibration_source: str, log: Callable[[str], None]
 ) -> tuple[bytes, Quantization]:
-    """The float32 artifact's graph → its int8 graph and how it was made (speed not yet measured)."""
+    """NNCF's post-training quantization, transformer scheme, of the float32 graph: QDQ for the OpenVINO engine."""
+    import nncf
+    import onnx
+
+    images = calibration[:MAX_CALIBRATION_IMAGES]
+    log(f"quantizing to int8: NNCF post-training (transformer scheme), calibrated on {len(images)} images…")
+    model = onnx.load_from_string(fp32)
+    name = model.graph.input[0].name
+    dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))], lambda x: {name: x})
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images))
+    recipe = Quantization(
+        "nncf",
+        op_types=("NNCF transformer scheme",),
+        activation_type="int8 (NNCF)",
+        quant_format="QDQ",
+        calibration={
+            "images": len(images),
+            "source": calibration_source,
+            "method": "NNCF (SmoothQuant, bias correction)",
+        },
+        engine="openvino",
+    )
+    return quantized.SerializeToString(), recipe
+
+
+def quantize(
+    fp32: bytes,
+    calibration: np.ndarray | None,
+    calibration_source: str = "",
+    log: Callable[[str], None] = print,
+    method: Method | None = None,
+) -> tuple[bytes, Quantization]:
+    """The float32 artifact's graph → its int8 graph and how it was made (speed not yet measured). ``method``:
+    ``nncf`` (calibration images needed), else dynamic without calibration images and static with them."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if method == "nncf":
+        if calibration is None:
+            raise ValueError("the nncf int8 recipe is calibrated: give --calibration DIR")
+        return quantize_nncf(fp32, calibration, calibration_source, log)
 
     with tempfile.TemporaryDirectory(prefix="deepvit-int8-") as tmp, _without_preprocessing_hint():
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -164,10 +209,16 @@ def _ms_per_image(session: Any, images: np.ndarray, min_time_s: float) -> float:
 
 
 def measure_speed(
-    fp32: bytes, int8: bytes, image_size: int, batch_sizes: tuple[int, ...] = SPEED_BATCH_SIZES, min_time_s: float = 1.0
+    fp32: bytes,
+    int8: bytes,
+    image_size: int,
+    batch_sizes: tuple[int, ...] = SPEED_BATCH_SIZES,
+    min_time_s: float = 1.0,
+    engine: Engine | None = None,
 ) -> tuple[Speed, ...]:
-    """Both graphs side by side, alternately per batch size, so that a shared machine's noise hits both."""
-    sessions = open_session(fp32), open_session(int8)
+    """Both graphs side by side on ``engine`` (ONNX Runtime's CPU provider by default), alternately per batch
+    size, so that a shared machine's noise hits both."""
+    sessions = open_session(fp32, engine=engine), open_session(int8, engine=engine)
     rng = np.random.default_rng(0)
     out = []
     for b in batch_sizes:

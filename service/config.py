@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         ["cuda", "cpu"], description="execution providers, in order of preference"
     )
     require_gpu: bool = Field(False, description="exit at start-up if CUDA is asked for but not used")
+    engine: Literal["auto", "cpu", "openvino", "openvino-bf16"] = Field(
+        "auto",
+        description="the CPU's engine (execution provider and the precision it computes in): auto measures those "
+        "this host offers and the artifact's gate allows and serves the fastest; a name fixes it (where the host "
+        "or the gate refuses it: today's cpu, saying why, or fatal with require_engine)",
+    )
+    require_engine: bool = Field(False, description="exit at start-up if the engine set is not the one computing")
     gpu_device_id: int = Field(0, ge=0, description="CUDA device for the sessions")
     cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
         "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE stalls the first batches)"
@@ -178,6 +185,8 @@ class Settings(BaseSettings):
     def _gpu_consistent(self) -> Settings:
         if self.require_gpu and not self.gpu_providers:
             raise ValueError("require_gpu is set but neither cuda nor tensorrt is among the providers")
+        if self.require_engine and self.engine == "auto":
+            raise ValueError("require_engine is set but no engine is named (engine=auto)")
         if self.cuda_graph and "cuda" not in self.providers:
             raise ValueError("cuda_graph is set but cuda is not among the providers")
         if self.max_decode_memory_bytes < 8 * self.max_image_pixels:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from deepvit.artifact import ATTENTION_NAME, INPUT_NAME, ArtifactError, ArtifactMetadata
+from deepvit.artifact.engines import CPU_ENGINE, ENGINES, OPENVINO, Engine
 from deepvit.artifact.session import metadata_of, open_session, read_metadata
 
 from .binding import BoundSession
@@ -97,12 +98,18 @@ def _preload_cuda_libraries(ort: Any) -> None:
 
 
 GPU_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+GPU_ENGINES = {provider: Engine(label, provider, "artifact", label) for label, provider in GPU_PROVIDERS.items()}
 
 
 class ModelRuntime:
     def __init__(self, path: str | Path, settings: Settings) -> None:
         import onnxruntime as ort
 
+        # A plugin engine (deepvit.artifact.engines) computes on the CPU in place of the provider list.
+        plugin = ENGINES.get(settings.engine)
+        plugin = plugin if plugin is not None and plugin.provider == OPENVINO else None
+        if plugin is not None:
+            settings = settings.model_copy(update={"providers": ["cpu"], "cuda_graph": False, "io_binding": False})
         if settings.gpu_providers:
             _preload_cuda_libraries(ort)
         self.path = Path(path)
@@ -113,9 +120,10 @@ class ModelRuntime:
             sizes = self.buckets or [1, settings.max_batch_size]
             shapes = {n: f"{INPUT_NAME}:{n}x{crop}x{crop}x3" for n in sizes}
         self.cuda_graph = settings.cuda_graph
-        self.session = self._open(settings, shapes)
+        self.session = self._open(settings, shapes, plugin)
         self.meta: ArtifactMetadata = metadata_of(self.session, str(self.path))
         self.provider = str(self.session.get_providers()[0])
+        self.engine: Engine = plugin or GPU_ENGINES.get(self.provider, CPU_ENGINE)
         self.wanted = GPU_PROVIDERS[settings.gpu_providers[0]] if settings.gpu_providers else None
         if self.wanted is not None and self.provider != self.wanted:
             msg = (
@@ -143,7 +151,7 @@ class ModelRuntime:
                 self.cuda_graph,
             )
 
-    def _open(self, settings: Settings, shapes: dict[int, str] | None) -> Any:
+    def _open(self, settings: Settings, shapes: dict[int, str] | None, engine: Engine | None) -> Any:
         def session(s: Settings) -> Any:
             return open_session(
                 self.path,
@@ -151,6 +159,7 @@ class ModelRuntime:
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
                 spinning=s.intra_op_spinning,
+                engine=engine,
             )
 
         if not settings.cuda_graph:
@@ -169,12 +178,12 @@ class ModelRuntime:
 
     @property
     def provider_label(self) -> str:
-        labels = {
-            "TensorrtExecutionProvider": "tensorrt",
-            "CUDAExecutionProvider": "cuda",
-            "CPUExecutionProvider": "cpu",
-        }
-        return labels.get(self.provider, self.provider)
+        return self.engine.label
+
+    @property
+    def precision(self) -> str:
+        """What it computes in: the artifact's precision, or its engine's (bf16)."""
+        return self.engine.computes(self.meta)
 
     def _check_io(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

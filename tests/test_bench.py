@@ -38,19 +38,24 @@ def test_bench_writes_a_table_with_every_layer(tmp_path: Path) -> None:
     assert "| HTTP service | hey, concurrency 4 |" in table
     assert "HTTP throughput / in-process pipeline" in table
     assert "concurrency 1: HTTP p50" in table  # the service's overhead over raw ONNX Runtime and one decode
-    assert "served with batches of at most " in table  # what the warm-up chose, as GET /models says
+    assert "batches of at most " in table  # what the warm-up chose, as GET /models says
     assert "| gRPC service | tritonclient.grpc.aio, concurrency 1 |" in table
     assert "| gRPC service | tritonclient.grpc.aio, concurrency 4 |" in table
     assert "gRPC throughput / HTTP throughput" in table
     assert "| naive baseline | hey, concurrency 4 |" in table
     assert "HTTP throughput / naive baseline's" in table
+    assert "| naive OpenVINO | hey, concurrency 4 |" in table  # OpenVINO's own runtime, its throughput hint
+    assert "HTTP throughput / naive OpenVINO server's" in table
+    # Raw engines × precisions × batch sizes, and the limit on the fastest engine the gate allows.
+    assert "| engine cpu (fp32), 1 thread | batch 4 |" in table
+    assert "| engine openvino (fp32), 1 thread | batch 4 |" in table
+    assert "limits by engine" in table
+    assert "served with engine " in table  # which engine the server chose, as GET /models says
     assert "the most any server could lead it by here" in table  # the limit over the baseline
     assert "machine limit" in table
     assert "HTTP throughput / machine limit" in table
     assert (out / "tiny.png").read_bytes().startswith(b"\x89PNG"), "the chart of throughput and p99"
-    served = [
-        line for line in table.splitlines() if line.startswith(("| HTTP service", "| gRPC service", "| naive baseline"))
-    ]
+    served = [line for line in table.splitlines() if line.startswith(("| HTTP service", "| gRPC service", "| naive "))]
     assert all(line.endswith("| 0 |") for line in served), "requests failed under the benchmark"
     assert not list(out.glob(".bench-*")), "the server log was left behind"
 

@@ -15,6 +15,9 @@ Schema 2 keys (all strings; JSON where the value is structured):
     deepvit.parity            the export's parity figures (JSON; for int8, of the float32 graph it quantized)
     deepvit.accuracy          a reduced precision's gate on natural images (JSON; absent for fp32 and in
                               artifacts exported before the gate, which still load)
+    deepvit.engine_gates      the gate of each reduced-precision engine that computes this graph (JSON, by engine
+                              name, e.g. ``openvino-bf16``; the same figures as ``deepvit.accuracy``; absent
+                              where none ran: such an engine is not used for the artifact)
     deepvit.quantization      how an int8 graph was quantized and calibrated, and its measured speed beside
                               float32 (JSON; absent unless int8)
     deepvit.versions          the tools that made it (JSON)
@@ -134,6 +137,7 @@ class ArtifactMetadata:
     parity: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
+    engine_gates: dict[str, Any] = field(default_factory=dict)  # engine name -> its gate's figures
     versions: dict[str, str] = field(default_factory=dict)
     exported_at: str = ""
     attention: AttentionSpec | None = None  # the graph has the attention output
@@ -156,6 +160,7 @@ class ArtifactMetadata:
             "parity": self.parity,
             "accuracy": self.accuracy or None,
             "quantization": self.quantization or None,
+            "engine_gates": self.engine_gates or None,
             "versions": self.versions,
             "exported_at": self.exported_at,
             "config": self.config,
@@ -194,6 +199,8 @@ class ArtifactMetadata:
             props["deepvit.accuracy"] = json.dumps(self.accuracy)
         if self.quantization:
             props["deepvit.quantization"] = json.dumps(self.quantization)
+        if self.engine_gates:
+            props["deepvit.engine_gates"] = json.dumps(self.engine_gates)
         return props
 
     @classmethod
@@ -235,6 +242,7 @@ class ArtifactMetadata:
             parity=_json(meta, "deepvit.parity", source) if "deepvit.parity" in meta else {},
             accuracy=_json(meta, "deepvit.accuracy", source) if "deepvit.accuracy" in meta else {},
             quantization=_json(meta, "deepvit.quantization", source) if "deepvit.quantization" in meta else {},
+            engine_gates=_json(meta, "deepvit.engine_gates", source) if "deepvit.engine_gates" in meta else {},
             versions=_json(meta, "deepvit.versions", source) if "deepvit.versions" in meta else {},
             exported_at=meta.get("deepvit.exported_at", ""),
             attention=_attention(meta, source) if schema != "1" else None,

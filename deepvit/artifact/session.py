@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .engines import Engine, add_engine
 from .errors import ArtifactError
 from .metadata import ArtifactMetadata
 
@@ -31,13 +32,17 @@ def open_session(
     inter_op_threads: int = 0,
     optimize: bool = True,
     spinning: bool = True,
+    engine: Engine | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession``; providers that this onnxruntime lacks are left out (the CPU always
     remains). Anything ONNX Runtime cannot load is an ArtifactError with its first line.
 
     ``spinning=False``: the session's pool threads stop spinning when a run ends (they still spin between the
     parallel sections of a run, where it saves their wake-ups). ONNX Runtime's default spins them on for some
-    25 ms after every run: a core busy for nothing while a server waits for its next request."""
+    25 ms after every run: a core busy for nothing while a server waits for its next request.
+
+    ``engine`` (:mod:`.engines`): a plugin execution provider, such as OpenVINO's, in place of ``providers``
+    (with the CPU provider for any node it does not take), computing over ``intra_op_threads`` cores."""
     import onnxruntime as ort
 
     source = "the ONNX model" if isinstance(model, bytes) else str(model)
@@ -56,7 +61,10 @@ def open_session(
         opts.add_session_config_entry("session.force_spinning_stop", "1")
     available = set(ort.get_available_providers())
     usable = [p for p in providers if (p[0] if isinstance(p, tuple) else p) in available] or list(CPU)
+    plugin = engine is not None and add_engine(opts, engine, intra_op_threads)
     try:
+        if plugin:
+            return ort.InferenceSession(model, sess_options=opts)
         return ort.InferenceSession(model, sess_options=opts, providers=usable)
     except Exception as exc:  # onnxruntime's exception types are not part of its public API
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__

@@ -29,14 +29,16 @@ from typing import Literal
 import numpy as np
 
 from deepvit.artifact import ArtifactError
+from deepvit.artifact.engines import host_engines
 
 from ..batcher import Batcher
 from ..budget import MemoryBudget, MemoryBudgetError, resident_bytes
 from ..config import Settings
+from ..engines import ChosenBy, EngineChoice, candidates, fixed_engine
 from ..errors import BadRequestError, NotFoundError, UnavailableError
 from ..memory import lower_thread_priority
 from ..metrics import Metrics
-from ..runtime import LoadCancelledError, ModelRuntime, Prediction, Warmup
+from ..runtime import GPU_PROVIDERS, LoadCancelledError, ModelRuntime, Prediction, Warmup
 from .disk import Signature, artifact_signature, scan_repository, select_versions
 from .io import ModelIO
 from .observers import BatchMetrics, QueueDepth
@@ -54,6 +56,7 @@ def _cores() -> int:
 
 State = Literal["loading", "ready", "unloading"]
 Key = tuple[str, int]  # (model name, version)
+Instances = tuple[int, "tuple[ModelRuntime, Warmup] | None"]  # how many, and the single-threaded one if several
 
 
 @dataclass(eq=False)
@@ -74,6 +77,7 @@ class ModelVersion:
     _unleased: asyncio.Event = field(default_factory=asyncio.Event)  # set whenever inflight drops to 0
     signature: Signature | None = None  # of the file this session was built from
     observer: BatchMetrics | None = None  # its batcher's metrics
+    engine: EngineChoice | None = None  # what computes it, and why
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -105,7 +109,7 @@ class ModelVersion:
 
 def _info_labels(mv: ModelVersion) -> tuple[str, str, str, str, str]:
     meta = mv.runtime.meta
-    return mv.name, str(mv.version), mv.runtime.provider_label, meta.precision, meta.weights
+    return mv.name, str(mv.version), mv.runtime.provider_label, mv.runtime.precision, meta.weights
 
 
 @dataclass(frozen=True)
@@ -184,18 +188,19 @@ class ModelManager:
         if s.instances > 1 and not threads:  # the operator's instances share the cores
             threads = max(1, _cores() // s.instances)
         runtime = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": threads}))
+        runtime, warm, choice, plan = self._choose_engine(name, version, path, runtime, threads)
+        s = s.model_copy(update={"engine": runtime.engine.name if choice.chosen_by != "gpu" else s.engine})
         max_batch = s.max_batch_size
         count = max(1, s.instances)
         runtimes = [runtime]
         solo: ModelRuntime | None = None
-        warm: Warmup | None = None
         batch_chosen_by: Literal["setting", "measurement"] = "setting"
         instances_chosen_by: Literal["setting", "measurement"] = "setting"
         if s.warmup:
-            warm = self._warm(name, version, runtime)
+            warm = warm or self._warm(name, version, runtime)
             if not s.instances:
                 instances_chosen_by = "measurement"
-                count, single = self._measure_instances(name, version, path, runtime, warm)
+                count, single = plan or self._measure_instances(name, version, path, runtime, warm, s)
                 if single is not None:  # one single-threaded session per core, this one the first
                     # The session over every core stays, for a batch that finds every instance idle and
                     # nothing behind it: at low load one request gets the latency of all the cores.
@@ -239,6 +244,14 @@ class ModelManager:
             runtimes=runtimes,
             solo=solo,
             observer=observer,
+            engine=choice,
+        )
+        log.info(
+            "%s version %d: %s",
+            name,
+            version,
+            choice.describe(),
+            extra={"model": name, "version": version, "event": "engine", "engine": choice.engine.name},
         )
         if warm is not None:
             table = ", ".join(f"{n}: {1000 * t / n:.2f}" for n, t in sorted(warm.batch_s.items()))
@@ -263,21 +276,74 @@ class ModelManager:
             log.info("%s", exc, extra={"model": name, "version": version, "event": "load_cancelled"})
             raise
 
+    def _choose_engine(
+        self, name: str, version: int, path: Path, runtime: ModelRuntime, threads: int
+    ) -> tuple[ModelRuntime, Warmup | None, EngineChoice, Instances | None]:
+        """The engine that computes this version (service/engines.py): on a GPU, the GPU's; else the one the
+        operator set, or, by measurement, the candidate that serves the most images per second over the cores,
+        each with its best instances (one wide session, or one single-threaded session per core) at its best
+        batch. ``runtime`` is today's (the providers' list); the runtime that computes is returned with its
+        warm-up and its instances where they were measured."""
+        if runtime.provider in GPU_PROVIDERS.values():
+            return runtime, None, EngineChoice(runtime.engine, runtime.precision, "gpu", "the GPU computes"), None
+        found = candidates(runtime.meta, host_engines())
+        fixed, why = fixed_engine(self.settings, found)
+        if fixed is not None:
+            if fixed != runtime.engine:
+                runtime = self._runtime_factory(path, self._engine_settings(fixed.name, threads))
+            chosen_by: ChosenBy = "setting" if why == "DEEPVIT_ENGINE" else "fallback"
+            if chosen_by == "fallback":
+                log.warning("%s version %d: %s", name, version, why, extra={"event": "engine_fallback"})
+            return (
+                runtime,
+                None,
+                EngineChoice(runtime.engine, runtime.precision, chosen_by, why, {}, found.refused),
+                None,
+            )
+        if len(found.engines) < 2 or not self.settings.warmup:
+            chosen_by = "only one" if len(found.engines) < 2 else "default"
+            reason = "the only engine here" if len(found.engines) < 2 else "no warm-up (DEEPVIT_WARMUP) to measure by"
+            choice = EngineChoice(runtime.engine, runtime.precision, chosen_by, reason, {}, found.refused)
+            return runtime, None, choice, None
+        budget = self.settings.batch_budget_s
+        measured: dict[str, tuple[ModelRuntime, Warmup, Instances | None]] = {}
+        rates: dict[str, float] = {}
+        for engine in found.engines:
+            s = self._engine_settings(engine.name, threads)
+            rt = runtime if engine == runtime.engine else self._runtime_factory(path, s)
+            warm = self._warm(name, version, rt)
+            plan = None if self.settings.instances else self._measure_instances(name, version, path, rt, warm, s)
+            measured[engine.name] = (rt, warm, plan)
+            count, single = plan or (1, None)
+            rates[engine.name] = count / (single or (rt, warm))[1].best_time_per_image(budget)
+        best = max(rates, key=lambda k: rates[k])
+        runtime, warm, plan = measured[best]
+        reason = "the most images per second of the engines the host offers and the gate allows, each at its best"
+        return (
+            runtime,
+            warm,
+            EngineChoice(runtime.engine, runtime.precision, "measurement", reason, rates, found.refused),
+            plan,
+        )
+
+    def _engine_settings(self, engine: str, threads: int) -> Settings:
+        return self.settings.model_copy(update={"intra_op_threads": threads, "engine": engine})
+
     def _measure_instances(
-        self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup
+        self, name: str, version: int, path: Path, runtime: ModelRuntime, warm: Warmup, s: Settings
     ) -> tuple[int, tuple[ModelRuntime, Warmup] | None]:
         """On a CPU of several cores: one session using them all, or one single-threaded session per core?
         The second wins when attention's small matrices scale badly over threads. Warm a single-threaded
         session and take one instance per core when, each at its most efficient batch, that gives at least as
         many images per second: the warm-up measures each session alone, and serving favours the narrow ones
         further (a decode thread that preempts one of a wide session's threads stalls the others). The wide
-        session is not lost for it: it becomes the
-        solo session, which a request alone in the pipeline gets (service/batcher.py). Returns the count and,
-        when it is more than one, the single-threaded session with its warm-up."""
+        session is not lost for it: it becomes the solo session, which a request alone in the pipeline gets
+        (service/batcher.py). Returns the count and, when it is more than one, the single-threaded session
+        with its warm-up."""
         cores = _cores()
-        if runtime.provider != "CPUExecutionProvider" or cores < 2 or self.settings.intra_op_threads:
+        if runtime.provider in GPU_PROVIDERS.values() or cores < 2 or self.settings.intra_op_threads:
             return 1, None
-        single = self._runtime_factory(path, self.settings.model_copy(update={"intra_op_threads": 1}))
+        single = self._runtime_factory(path, s.model_copy(update={"intra_op_threads": 1}))
         single_warm = self._warm(name, version, single)
         budget = self.settings.batch_budget_s
         if cores / single_warm.best_time_per_image(budget) >= 1 / warm.best_time_per_image(budget):
@@ -330,7 +396,7 @@ class ModelManager:
             name,
             version,
             mv.runtime.provider,
-            meta.precision,
+            mv.runtime.precision,
             meta.weights,
             ": UNTRAINED, random initial weights, answers mean nothing" if meta.untrained else "",
             mv.warmup_s,

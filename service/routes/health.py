@@ -48,6 +48,8 @@ async def models(ctx: Annotated[AppContext, Depends(get_context)]) -> dict[str, 
             "version": mv.version,
             "state": mv.state,
             "provider": mv.runtime.provider,
+            # What computes it (execution provider and precision) and why (service/engines.py).
+            "engine": mv.engine.to_dict() if mv.engine is not None else None,
             "batching": {
                 "max_batch_size": mv.batcher.max_batch_size,
                 "chosen_by": mv.batch_size_chosen_by,

@@ -121,6 +121,14 @@ def test_install_is_the_serving_side_only(installed: Path) -> None:
     providers = ort.stdout.strip().split(",")
     assert "CPUExecutionProvider" in providers, ort.stderr
     assert "CUDAExecutionProvider" not in providers
+    # The CPU's matrix engine: the OpenVINO plugin loads into the image's onnxruntime and offers its engines.
+    engines = subprocess.run(
+        [python, "-c", "from deepvit.artifact.engines import host_engines; print(host_engines().offered)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "openvino" in engines.stdout, engines.stderr
     # Nothing is missing from the lock; the one requirement pip reports is the GPU wheel's name, which
     # the CPU image replaces with the CPU wheel of the same module and version.
     check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)

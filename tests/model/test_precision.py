@@ -245,3 +245,73 @@ def test_inspect_shows_how_int8_was_made(int8_dynamic: tuple[Path, str], run_dee
     assert "natural images (passed)" in result.stdout
     assert "int8 speed   batch 1:" in result.stdout
     assert "int8 speed   batch 8:" in result.stdout
+
+
+def test_int8_by_nncf_is_gated_and_timed_on_the_openvino_engine(
+    tmp_path: Path, run_deepvit: Any, small_shapes: Path
+) -> None:
+    """NNCF's post-training quantization (transformer scheme) of the float32 graph, calibrated on a folder:
+    QDQ that ONNX Runtime's OpenVINO execution provider computes in int8; its gate and its speed are taken
+    there, and the service lets that engine compute it."""
+    from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_ENGINE, gate_verdict
+
+    out = tmp_path / "model.onnx"
+    calibration = small_shapes / "train"
+    args = ["--precision", "int8", "--int8-recipe", "nncf", "--calibration", calibration, "--output", out]
+    result = run_deepvit("export", *TINY_CNN, "--ema", *args)
+    if result.code != 0:  # the gate decides: a recipe that loses decisions writes nothing and says why
+        assert "accuracy gate failed, nothing written" in result.stderr
+        assert not out.exists()
+        return
+    meta = read_metadata(out)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(out)
+    q = meta.quantization
+    assert (q["method"], q["tool"], q["engine"], q["quant_format"]) == ("nncf", "nncf", "openvino", "QDQ")
+    assert q["calibration"]["images"] == 32
+    assert meta.accuracy["engine"] == "openvino"
+    assert meta.accuracy["provider"] == "OpenVINOExecutionProvider"
+    assert meta.accuracy["passed"] is True
+    assert "int8 speed on this CPU" in result.stderr or "WARNING: int8 does not pay" in result.stderr
+    assert gate_verdict(meta, OPENVINO_ENGINE)[0]
+    assert gate_verdict(meta, CPU_ENGINE)[0]
+    verified = run_deepvit("verify", out, "--checkpoint", TINY_CNN[3], "--ema")  # re-gated on the same engine
+    assert verified.code == 0, verified.stderr
+    assert json.loads(verified.stdout)["accuracy"]["engine"] == "openvino"
+
+
+def test_nncf_needs_calibration_images(tmp_path: Path, run_deepvit: Any) -> None:
+    out = tmp_path / "model.onnx"
+    result = run_deepvit("export", *TINY_CNN, "--precision", "int8", "--int8-recipe", "nncf", "--output", out)
+    assert result.code != 0
+    assert "--calibration" in result.stderr
+    assert not out.exists()
+
+
+def test_an_fp32_export_records_the_bf16_gate_of_the_engine_and_verify_reruns_it(
+    tmp_path: Path, run_deepvit: Any
+) -> None:
+    """bf16 on the CPU's matrix engine is gated like fp16 and int8, on the engine that computes it (emulated
+    where this CPU lacks bf16: --engine-gates all); the float32 artifact is written either way."""
+    out = tmp_path / "model.onnx"
+    result = run_deepvit("export", *TINY_CNN, "--ema", "--engine-gates", "all", "--output", out)
+    assert result.code == 0, result.stderr
+    meta = read_metadata(out)
+    assert meta.precision == "fp32"
+    gate = meta.engine_gates["openvino-bf16"]
+    assert (gate["precision"], gate["engine"], gate["provider"]) == (
+        "bf16",
+        "openvino-bf16",
+        "OpenVINOExecutionProvider",
+    )
+    assert gate["images"] == PHOTO_VIEWS
+    assert 0 <= gate["mean_abs_prob_diff"] <= gate["max_abs_prob_diff"]
+    assert gate["passed"] == (gate["top1_agreement"] >= 0.99)
+    assert "openvino-bf16 gate" in result.stderr
+    assert meta.to_public_dict()["engine_gates"] == meta.engine_gates  # GET /models and deepvit inspect show it
+    verified = run_deepvit("verify", out, "--checkpoint", TINY_CNN[3], "--ema", "--engine-gates", "all")
+    assert verified.code == 0, verified.stderr
+    again = json.loads(verified.stdout)["engine_gates"]["openvino-bf16"]
+    assert again["top1_agreement"] == gate["top1_agreement"]
+    none = run_deepvit("export", *TINY_CNN, "--ema", "--engine-gates", "none", "--output", tmp_path / "none.onnx")
+    assert none.code == 0, none.stderr
+    assert read_metadata(tmp_path / "none.onnx").engine_gates == {}

@@ -93,6 +93,7 @@ def test_uploading_a_photo_shows_the_apis_top_1_and_the_overlay(server: Server, 
     browser.get(server.url + "/")
     _wait(browser, lambda d: d.find_element("id", "model-line").get_attribute("data-state") == "ready")
     assert "tiny" in browser.find_element("id", "model-line").text
+    assert ", chosen by " in browser.find_element("id", "model-line").text  # the engine that computes, and why
     browser.find_element("id", "file").send_keys(str(PHOTO))
     _wait(browser, _visible("result"))
     _wait(browser, lambda d: d.execute_script("return document.getElementById('overlay').naturalWidth") > 0)

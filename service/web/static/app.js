@@ -40,7 +40,9 @@ async function findModel() {
       untrained: Boolean(meta.untrained),
     };
     line.textContent = `Model ${served.name}, version ${served.version} (${meta.arch}, ${meta.num_classes} classes, `
-      + `${meta.precision} on ${latest.provider})`
+      + (latest.engine
+        ? `${latest.engine.precision} on ${latest.engine.name}, chosen by ${latest.engine.chosen_by})`
+        : `${meta.precision} on ${latest.provider})`)
       + (served.explain ? "" : ". It has no attention output, so only its answers are shown "
         + "(export it with deepvit export --explain to see where it looks).");
     line.dataset.state = "ready";

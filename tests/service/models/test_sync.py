@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from deepvit.artifact import ArtifactError, ArtifactMetadata, PreprocessSpec
+from deepvit.artifact.engines import CPU_ENGINE
 from deepvit.service.batcher import Batcher, BatcherClosedError
 from deepvit.service.config import Settings
 from deepvit.service.context import AppContext
@@ -32,6 +33,8 @@ class FakeRuntime:
 
     provider = "CPUExecutionProvider"
     provider_label = "cpu"
+    engine = CPU_ENGINE
+    precision = "fp32"
     input_name = "image"
 
     def __init__(self, path: Path, settings: Settings) -> None:
