@@ -64,7 +64,7 @@ def _measure(repository: Path, photo: Path, requests: int, below_app: bool) -> t
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
-    refuse = Refusals(ctx).check if below_app else None
+    refuse = Refusals(ctx) if below_app else None
     config = uvicorn.Config(
         app, http=http_protocol(20.0, lambda: None, refuse), log_config=None, access_log=False, lifespan="off"
     )

@@ -41,6 +41,9 @@ class Admission:
         self.max_wait_s = max_wait_s
         self.max_pending_images = max_pending_images
         self.pending = 0  # images admitted and not answered yet
+        # Requests whose body is in and that are not answered yet, admitted or not (the HTTP protocol counts
+        # them): the requests on their way to admission that ``check_arrivals`` sees ahead of a new one.
+        self.arrived = 0
         self.per_image_s = per_image_s  # None until measured (or seeded by a warm-up)
         self._clock = clock
         self._last_done: float | None = None  # the last completion while busy
@@ -68,13 +71,21 @@ class Admission:
                 self._last_done = self._clock()  # a busy period starts: completions measure from here
             self.pending += images
 
-    def _check(self, images: int) -> None:
-        if self.pending + images > self.max_pending_images:
-            raise self._refusal(f"{self.pending} images are in the pipeline (the limit is {self.max_pending_images})")
-        wait = self.estimated_wait_s(images)
-        if self.pending and wait > self.max_wait_s:
+    def check_arrivals(self) -> None:
+        """``check`` of a request whose head has just been parsed, counting ahead of it, besides the images
+        admitted, the requests whose bodies are in and are on their way to admission: above capacity most
+        of those will be refused too, later and at a higher cost (routing, the middleware, the body read)."""
+        with self._lock:
+            self._check(1, max(self.pending, self.arrived))
+
+    def _check(self, images: int, ahead: int | None = None) -> None:
+        ahead = self.pending if ahead is None else ahead
+        if ahead + images > self.max_pending_images:
+            raise self._refusal(f"{ahead} images are in the pipeline (the limit is {self.max_pending_images})")
+        wait = (ahead + images) * (self.per_image_s or 0.0)
+        if ahead and wait > self.max_wait_s:
             raise self._refusal(
-                f"the estimated wait is {wait:.2f}s ({self.pending} images ahead at "
+                f"the estimated wait is {wait:.2f}s ({ahead} images ahead at "
                 f"{1000 * (self.per_image_s or 0):.1f} ms each), over the {self.max_wait_s:g}s allowed"
             )
 

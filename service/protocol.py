@@ -22,6 +22,8 @@ import httptools
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .refusals import is_inference
+
 
 class Answer(Protocol):
     """What answers a request from its head instead of the app: its whole HTTP/1.1 response, or an ASGI
@@ -32,7 +34,13 @@ class Answer(Protocol):
     def sent(self) -> None: ...
 
 
-Refuse = Callable[[str, str], Answer | None]  # (method, path) -> what answers instead of the app, or None
+class Refuse(Protocol):
+    """Asked once a request's head is parsed: what answers it instead of the app, or None. The requests it
+    lets through have their arrival (their body wholly in) and their answer reported."""
+
+    def check(self, method: str, path: str) -> Answer | None: ...
+    def body_in(self) -> None: ...
+    def answered(self) -> None: ...
 
 
 class _Answered:
@@ -59,6 +67,8 @@ def http_protocol(
         _head_timer: asyncio.TimerHandle | None = None
         _drop_timer: asyncio.TimerHandle | None = None
         _body_pending = False  # the current request's head is in and its body is not
+        _let_through = False  # the current request is one ``refuse`` let through, its body not yet in
+        _arrived = 0  # requests of this connection reported to ``refuse`` as arrived and not yet answered
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -69,9 +79,18 @@ def http_protocol(
             if self._drop_timer is not None:
                 self._drop_timer.cancel()
                 self._drop_timer = None
+            if self._let_through and refuse is not None:
+                self._let_through = False
+                self._arrived += 1
+                refuse.body_in()
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            if self._let_through:  # answered before its body was in: it never arrives
+                self._let_through = False
+            elif self._arrived and refuse is not None:
+                self._arrived -= 1
+                refuse.answered()
             super().on_response_complete()
             if self._body_pending and self._drop_timer is None and not self.transport.is_closing():
                 self._drop_timer = self.loop.call_later(body_timeout_s, self.transport.close)
@@ -86,7 +105,9 @@ def http_protocol(
             answer = None
             if refuse is not None and not self.parser.should_upgrade():
                 path = httptools.parse_url(self.url).path.decode("ascii", "replace")
-                answer = refuse(self.parser.get_method().decode("ascii", "replace"), path)
+                method = self.parser.get_method().decode("ascii", "replace")
+                answer = refuse.check(method, path)
+                self._let_through = answer is None and is_inference(method, path)
             if answer is None:
                 super().on_headers_complete()
                 return
@@ -113,6 +134,9 @@ def http_protocol(
             self._cancel_head_timer()
             if self._drop_timer is not None:
                 self._drop_timer.cancel()
+            while self._arrived and refuse is not None:  # answers that will never be written
+                self._arrived -= 1
+                refuse.answered()
             super().connection_lost(exc)
 
         def _arm_head_timer(self) -> None:

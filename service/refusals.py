@@ -92,12 +92,19 @@ class Refusals:
         if not is_inference(method, path):
             return None
         try:
-            self.ctx.pipeline.admission.check()
+            self.ctx.pipeline.admission.check_arrivals()
         except UnavailableError as exc:
             route = route_of(path)
             headers = [(b"retry-after", str(exc.retry_after_s).encode())]
             return Refusal(503, exc.message, headers, functools.partial(self._count, route, exc))
         return None
+
+    def body_in(self) -> None:
+        """An inference request the protocol let through has its whole body: it counts as arrived."""
+        self.ctx.pipeline.admission.arrived += 1
+
+    def answered(self) -> None:
+        self.ctx.pipeline.admission.arrived -= 1
 
     def _count(self, route: str, exc: UnavailableError) -> None:
         m = self.ctx.metrics

@@ -130,7 +130,7 @@ def run(settings: Settings) -> int:
         http=http_protocol(
             settings.header_timeout_s,
             lambda: rejected.labels("header_timeout").inc(),
-            Refusals(app.state.ctx).check,  # service/refusals.py: overload answered before the app
+            Refusals(app.state.ctx),  # service/refusals.py: overload answered before the app
             settings.body_timeout_s,
         ),
         host=settings.host,

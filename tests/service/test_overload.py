@@ -285,3 +285,18 @@ def test_a_client_trickling_its_head_or_sending_nothing_is_cut_off(tmp_path: Pat
                 r = client.post("/classify", content=grey_png(), headers={"content-type": "image/png"})
                 assert r.status_code == 200, r.text
                 time.sleep(1.0)  # idle between requests: the keep-alive timeout's business, not the head's
+
+
+def test_a_new_request_sees_the_arrived_requests_ahead_of_it() -> None:
+    """The HTTP protocol's check counts the requests whose bodies are in but not yet admitted (above
+    capacity most of them are refused later, at a higher cost); admission itself counts what it holds."""
+    clock = FakeClock()
+    a = Admission(max_wait_s=1.0, max_pending_images=100, clock=clock, per_image_s=0.1)
+    a.arrived = 10  # ten on their way to admission: a new one would wait 1.1 s
+    with pytest.raises(UnavailableError, match="10 images ahead"):
+        a.check_arrivals()
+    a.check()  # nothing admitted yet
+    a.admit(1)  # admission counts what it holds, not the arrivals
+    assert a.pending == 1
+    a.arrived = 0
+    a.check_arrivals()

@@ -264,23 +264,42 @@ def uvicorn_serving(app: Any, refuse: Any, body_timeout_s: float = 30.0) -> Iter
         sock.close()
 
 
+class Gate:
+    """What the protocol asks (``service.protocol.Refuse``): refuses POST /classify while ``refusing``, and
+    counts the inference requests let through from their bodies' arrival to their answers."""
+
+    def __init__(self, refusing: bool = True) -> None:
+        self.refusing = refusing
+        self.sent: list[int] = []
+        self.arrived = 0
+
+    def check(self, method: str, path: str) -> Refusal | None:
+        if not self.refusing or (method, path) != ("POST", "/classify"):
+            return None
+        return Refusal(503, "the server is overloaded", [(b"retry-after", b"2")], lambda: self.sent.append(1))
+
+    def body_in(self) -> None:
+        self.arrived += 1
+
+    def answered(self) -> None:
+        self.arrived -= 1
+
+
 def test_a_refusal_below_the_app_answers_json_503_and_keeps_the_connection() -> None:
     """What ``refuse`` answers never reaches the app: the protocol writes it from the head, drops the body,
-    and the connection serves the next request."""
-    app_calls: list[str] = []
-    sent: list[int] = []
+    and the connection serves the next request; a request let through counts as arrived from its body's
+    arrival to its answer."""
+    app_calls: list[tuple[str, int]] = []
+    gate = Gate()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        app_calls.append(scope["path"])
+        while (await receive()).get("more_body"):
+            pass
+        app_calls.append((scope["path"], gate.arrived))  # with the body in
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def refuse(method: str, path: str) -> Refusal | None:
-        if (method, path) != ("POST", "/classify"):
-            return None
-        return Refusal(503, "the server is overloaded", [(b"retry-after", b"2")], lambda: sent.append(1))
-
-    with uvicorn_serving(app, refuse) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+    with uvicorn_serving(app, gate) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
         for _ in range(2):  # a large body, dropped, twice on one connection
             r = client.post("/classify?top_k=1", content=b"x" * 200_000, headers=PNG)
             assert r.status_code == 503
@@ -290,8 +309,11 @@ def test_a_refusal_below_the_app_answers_json_503_and_keeps_the_connection() -> 
         ok = client.post("/other", content=b"y")  # the same kept-alive connection
         assert ok.status_code == 200
         assert client.get("/classify").status_code == 200  # only what refuse names is refused
-    assert app_calls == ["/other", "/classify"]
-    assert sent == [1, 1]
+        gate.refusing = False
+        assert client.post("/classify", content=b"z" * 1000, headers=PNG).status_code == 200
+        assert gate.arrived == 0  # answered
+    assert app_calls == [("/other", 0), ("/classify", 0), ("/classify", 1)]  # counted while in the app
+    assert gate.sent == [1, 1]
 
 
 def test_what_is_left_of_a_refused_body_gets_the_body_deadline() -> None:
@@ -301,8 +323,8 @@ def test_what_is_left_of_a_refused_body_gets_the_body_deadline() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("the app is never called")
 
-    def refuse(method: str, path: str) -> Refusal:
-        return Refusal(503, "busy", [(b"retry-after", b"1")], lambda: None)
+    refuse = Gate()
+    refuse.check = lambda method, path: Refusal(503, "busy", [(b"retry-after", b"1")], lambda: None)  # type: ignore[method-assign]
 
     with (
         uvicorn_serving(app, refuse, body_timeout_s=0.5) as port,
