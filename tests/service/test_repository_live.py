@@ -340,6 +340,9 @@ def test_unloading_the_last_version_gives_404_not_500(
         load.allowed = {404, 503}
         client.unload_model("gone")
         load.wait_for(lambda: load.refused[404] >= 20, "requests to be refused")
+        # An answer the version gave before it went may still be on its way to a worker: every worker has
+        # made a few more requests (each refused) once 80 more refusals are in.
+        load.wait_for(lambda: load.refused[404] >= 100, "every worker to be refused")
         served_before = len(load.versions)
         assert not client.is_model_ready("gone")
         assert index(client, "gone") == {"1": ("UNAVAILABLE", "unloaded by request")}
