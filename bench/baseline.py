@@ -9,12 +9,15 @@ do the same work per image; ``deepvit bench`` drives both with ``hey`` in the sa
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
+from deepvit.artifact.metadata import ArtifactMetadata
 from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.artifact.predictions import top_k
 from deepvit.artifact.session import metadata_of, open_session
@@ -23,16 +26,25 @@ from deepvit.service.config import Settings
 
 def create_app(artifact: Path) -> FastAPI:
     session = open_session(artifact)  # ONNX Runtime's default: one intra-op thread per core
-    meta = metadata_of(session, str(artifact))
+    input_name = session.get_inputs()[0].name
+
+    def infer(crop: np.ndarray) -> np.ndarray:
+        logits: np.ndarray = session.run(None, {input_name: crop[None]})[0][0]
+        return logits
+
+    return naive_app("baseline: one ONNX Runtime call per request", metadata_of(session, str(artifact)), infer)
+
+
+def naive_app(title: str, meta: ArtifactMetadata, infer: Callable[[np.ndarray], np.ndarray]) -> FastAPI:
+    """``POST /classify`` (a raw image body, decoded through the pixel path and answered as ``/classify``
+    answers, top 5) and ``GET /readyz``; ``infer`` takes one crop to its logits, in FastAPI's thread pool."""
     settings = Settings()  # the service's default limits: the same pixel path as a default server
     limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
-    input_name = session.get_inputs()[0].name
-    app = FastAPI(title="baseline: one ONNX Runtime call per request")
+    app = FastAPI(title=title)
 
     def classify_one(body: bytes) -> dict[str, Any]:
         crop = preprocess(body, meta.preprocess, limits)
-        logits = session.run(None, {input_name: crop[None]})[0][0]
-        return {"predictions": top_k(logits, 5, meta.labels)}
+        return {"predictions": top_k(infer(crop), 5, meta.labels)}
 
     @app.post("/classify")
     async def classify(request: Request) -> dict[str, Any]:
@@ -45,14 +57,14 @@ def create_app(artifact: Path) -> FastAPI:
     return app
 
 
-def main() -> None:
+def main(create: Callable[[Path], FastAPI] = create_app, port: int = 8100) -> None:
     import uvicorn
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("artifact", type=Path)
-    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--port", type=int, default=port)
     args = p.parse_args()
-    uvicorn.run(create_app(args.artifact), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create(args.artifact), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

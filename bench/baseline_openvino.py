@@ -10,58 +10,31 @@ It decodes through the same pixel path and answers what ``/classify`` answers (t
 
 from __future__ import annotations
 
-import argparse
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI
 
-from deepvit.artifact.pixels import ImageLimits, preprocess
-from deepvit.artifact.predictions import top_k
 from deepvit.artifact.session import read_metadata
-from deepvit.service.config import Settings
+
+from .baseline import main, naive_app
 
 
 def create_app(artifact: Path) -> FastAPI:
     import openvino as ov  # the benchmark's (dev) dependency: the service computes through ONNX Runtime
 
-    meta = read_metadata(artifact)
     compiled = ov.Core().compile_model(str(artifact), "CPU", {"PERFORMANCE_HINT": "THROUGHPUT"})
-    settings = Settings()  # the service's default limits: the same pixel path as a default server
-    limits = ImageLimits(settings.max_image_pixels, settings.max_aspect_ratio)
     local = threading.local()  # an inference request is not shared between threads
-    app = FastAPI(title="baseline: OpenVINO, one call per request")
 
-    def classify_one(body: bytes) -> dict[str, Any]:
-        crop = preprocess(body, meta.preprocess, limits)
+    def infer(crop: np.ndarray) -> np.ndarray:
         request = getattr(local, "request", None) or compiled.create_infer_request()
         local.request = request
-        logits = np.asarray(request.infer([crop[None]])[0])[0]
-        return {"predictions": top_k(logits, 5, meta.labels)}
+        logits: np.ndarray = np.asarray(request.infer([crop[None]])[0])[0]
+        return logits
 
-    @app.post("/classify")
-    async def classify(request: Request) -> dict[str, Any]:
-        return await run_in_threadpool(classify_one, await request.body())
-
-    @app.get("/readyz")
-    async def ready() -> dict[str, str]:
-        return {"status": "ready"}
-
-    return app
-
-
-def main() -> None:
-    import uvicorn
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--port", type=int, default=8101)
-    args = p.parse_args()
-    uvicorn.run(create_app(args.artifact), host="127.0.0.1", port=args.port, log_level="warning")
+    return naive_app("baseline: OpenVINO, one call per request", read_metadata(artifact), infer)
 
 
 if __name__ == "__main__":
-    main()
+    main(create_app, port=8101)
