@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from serving import DATA, export_tiny, free_port
+
+from deepvit.bench.server import stop
 
 pytest.importorskip("ray", reason="deepvit predict needs the batch extra")
 
@@ -105,12 +106,7 @@ def _wait_for_line(proc: subprocess.Popen[str], marker: str, what: str) -> list[
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    stop(proc)  # SIGTERM, then a kill after a minute
     drain = _drains.pop(proc, None)
     if drain is not None:
         drain.join(30)
