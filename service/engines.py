@@ -1,6 +1,6 @@
-"""Which engine computes a model version on the CPU (:mod:`deepvit.artifact.engines`): the candidates that
-this host offers and the artifact's gates allow, the operator's setting, and what was chosen and why, as
-the load log, ``GET /models`` and ``deepvit_model_info`` report it. The measurement itself is the warm-up's
+"""Which engine computes a model version on the CPU (:mod:`deepvit.artifact.engines`): among the candidates
+that this host offers and the artifact's gates allow, the operator's setting, and what was chosen and why,
+as the load log, ``GET /models`` and ``deepvit_model_info`` report it. The measurement itself is the warm-up's
 (:mod:`.models.manager`): every candidate is warmed and the fewest milliseconds per image serves."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from deepvit.artifact import ArtifactMetadata
-from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Engine, HostEngines, gate_verdict
+from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Candidates, Engine
 
 from .config import Settings
 
@@ -18,25 +17,6 @@ ChosenBy = Literal["setting", "measurement", "only one", "default", "fallback", 
 
 class EngineRequiredError(Exception):
     """DEEPVIT_REQUIRE_ENGINE: the engine set is not available here, or the artifact's gate refuses it."""
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """The engines that may compute an artifact here, and why each other one may not."""
-
-    engines: tuple[Engine, ...]
-    refused: dict[str, str] = field(default_factory=dict)
-
-
-def candidates(meta: ArtifactMetadata, host: HostEngines) -> Candidates:
-    allowed, refused = [], dict(host.absent)
-    for engine in host.offered:
-        ok, why = gate_verdict(meta, engine)
-        if ok:
-            allowed.append(engine)
-        else:
-            refused[engine.name] = why
-    return Candidates(tuple(allowed), refused)
 
 
 @dataclass(frozen=True)

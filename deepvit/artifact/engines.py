@@ -139,6 +139,26 @@ def gate_verdict(meta: ArtifactMetadata, engine: Engine) -> tuple[bool, str]:
     return False, f"its {engine.precision} gate failed ({figures})"
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The engines that may compute an artifact on this host, and why each other one may not: the service
+    and ``deepvit predict`` choose among the same."""
+
+    engines: tuple[Engine, ...]
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def candidates(meta: ArtifactMetadata, host: HostEngines) -> Candidates:
+    allowed, refused = [], dict(host.absent)
+    for engine in host.offered:
+        ok, why = gate_verdict(meta, engine)
+        if ok:
+            allowed.append(engine)
+        else:
+            refused[engine.name] = why
+    return Candidates(tuple(allowed), refused)
+
+
 def load_config(engine: Engine, threads: int) -> dict[str, str]:
     """The OpenVINO CPU plugin's configuration for one session over ``threads`` cores (0: all)."""
     return {

@@ -19,6 +19,7 @@ from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.artifact.predictions import Scored, top_k
 from deepvit.artifact.session import metadata_of, open_session
 
+from .engine import AUTO, choose
 from .inputs import display_path
 from .rows import ModelIdentity, table
 
@@ -28,13 +29,6 @@ if TYPE_CHECKING:
 # The service's default limits (DEEPVIT_MAX_IMAGE_PIXELS, DEEPVIT_MAX_ASPECT_RATIO), so that a file gets the
 # answer an upload of it would.
 SERVICE_LIMITS = ImageLimits(max_pixels=40_000_000, max_aspect_ratio=20.0)
-
-
-def inference_session(model: bytes, threads: int) -> Any:
-    """The ONNX Runtime session an actor computes with: the CPU provider in the artifact's precision, with
-    ``threads`` intra-op threads (the actor's share of the cores) and no spinning between batches. The one
-    place where batch prediction picks its engine."""
-    return open_session(model, intra_op_threads=threads, inter_op_threads=1, spinning=False)
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,8 @@ class ClassifierSpec:
     model: ModelIdentity
     top_k: int
     threads: int
+    engine: str = AUTO  # an engine's name, or chosen by measurement on the actor's host (.engine)
+    batch_size: int = 8  # what the engines are measured at: the size of the batches the actor is given
     scheme: str = ""  # put back in front of paths (``s3``: ``bucket/key`` → ``s3://bucket/key``)
     limits: ImageLimits = SERVICE_LIMITS
 
@@ -61,13 +57,14 @@ class Classifier:
             import ray
 
             model = ray.get(model)
-        self.session = inference_session(model, spec.threads)
-        self.meta: ArtifactMetadata = metadata_of(self.session, spec.source)
+        self.meta: ArtifactMetadata = metadata_of(open_session(model, optimize=False), spec.source)
+        self.chosen = choose(model, self.meta, spec.engine, spec.threads, spec.batch_size)
+        self.session = self.chosen.session
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = [display_path(self.spec.scheme, str(p)) for p in batch["path"]]
-        return table(paths, self.classify(batch["bytes"]), self.spec.model)
+        return table(paths, self.classify(batch["bytes"]), self.spec.model, self.chosen.engine.name)
 
     def classify(self, blobs: Iterable[Any]) -> list[list[Scored] | str]:
         """Each file's top-k, or its error message, in order."""

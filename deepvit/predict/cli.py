@@ -13,6 +13,7 @@ BATCH_EXTRA_HINT = "deepvit predict needs Ray Data: pip install 'deepvit-serve[b
 
 
 def register(sub: Any) -> None:
+    from .engine import CHOICES
     from .job import DEFAULT_MAX_FILE_BYTES, PredictConfig
 
     defaults = PredictConfig("", "", "")
@@ -41,6 +42,13 @@ def register(sub: Any) -> None:
     p.add_argument("--actors", type=int, help="inference actors (default: the cluster's CPUs / --threads-per-actor)")
     p.add_argument("--threads-per-actor", type=int, default=defaults.threads_per_actor, help="ONNX Runtime threads")
     p.add_argument(
+        "--engine",
+        choices=CHOICES,
+        default=defaults.engine,
+        help="what computes: auto (default) measures the engines this host offers and the artifact's gates allow "
+        "on each actor, as the service's warm-up does, and keeps the fastest",
+    )
+    p.add_argument(
         "--max-file-bytes",
         type=int,
         default=DEFAULT_MAX_FILE_BYTES,
@@ -62,7 +70,7 @@ def _predict(args: argparse.Namespace) -> int:
     from deepvit.artifact import ArtifactError
 
     from .inputs import InputError
-    from .job import PredictConfig, load_artifact, run
+    from .job import PredictConfig, check_engine, load_artifact, run
     from .output import OutputError
 
     for name in ("top_k", "batch_size", "rows_per_file", "threads_per_actor", "max_file_bytes"):
@@ -82,13 +90,16 @@ def _predict(args: argparse.Namespace) -> int:
         address=args.address,
         actors=args.actors,
         threads_per_actor=args.threads_per_actor,
+        engine=args.engine,
         max_file_bytes=args.max_file_bytes,
         progress=not args.no_progress,
     )
     try:
         artifact = load_artifact(cfg.artifact)
-        if not 1 <= cfg.top_k <= artifact.num_classes:
-            raise InputError(f"--top-k {cfg.top_k} must be between 1 and the model's {artifact.num_classes} classes")
+        classes = artifact.meta.num_classes
+        if not 1 <= cfg.top_k <= classes:
+            raise InputError(f"--top-k {cfg.top_k} must be between 1 and the model's {classes} classes")
+        check_engine(cfg, artifact)
         summary = run(cfg, artifact, _log)
     except (ArtifactError, InputError, OutputError) as exc:
         _log(f"error: {exc}")
@@ -105,6 +116,8 @@ def _predict(args: argparse.Namespace) -> int:
             f"command, {summary.images_per_s_started():.1f} images/s once Ray was up ({summary.startup_s:.1f} s to "
             f"start it); {summary.cluster}"
         )
+    if summary.engines:
+        _log("computed by " + ", ".join(f"{name} ({rows} rows)" for name, rows in summary.engines.items()))
     if summary.skipped:
         files = "1 file" if summary.skipped == 1 else f"{summary.skipped} files"
         _log(f"{files} not named as images left out (list them in a file to include them)")

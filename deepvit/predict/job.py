@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from deepvit.artifact import ArtifactError
+from deepvit.artifact import ArtifactError, ArtifactMetadata
 from deepvit.artifact.session import metadata_of, open_session
 
 from .classifier import Classifier, ClassifierSpec
+from .engine import AUTO, allowed
 from .inputs import Inputs, filesystem_of, resolve
 from .output import Output
 from .rows import ModelIdentity, table
@@ -49,6 +50,7 @@ class PredictConfig:
     address: str | None = None
     actors: int | None = None  # default: the cluster's CPUs / threads_per_actor
     threads_per_actor: int = 1
+    engine: str = "auto"  # or an engine's name (deepvit.artifact.engines); auto: measured on each actor's host
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     progress: bool = True
 
@@ -61,6 +63,7 @@ class Summary:
     done_before: int  # inputs whose rows an earlier run had written
     written: int = 0  # rows this run wrote
     errors: int = 0  # rows with an error (all runs)
+    engines: dict[str, int] = field(default_factory=dict)  # rows by the engine that computed them (all runs)
     missing: list[str] = field(default_factory=list)  # inputs without a row
     duplicated: list[str] = field(default_factory=list)  # inputs with more than one
     deleted: list[str] = field(default_factory=list)  # files a killed run left half written
@@ -87,6 +90,7 @@ class Summary:
             "done_before": self.done_before,
             "written": self.written,
             "errors": self.errors,
+            "engines": self.engines,
             "missing": len(self.missing),
             "duplicated": len(self.duplicated),
             "deleted_partial_files": len(self.deleted),
@@ -107,7 +111,7 @@ class Artifact:
     data: bytes
     source: str
     model: ModelIdentity
-    num_classes: int
+    meta: ArtifactMetadata
 
 
 def load_artifact(location: str) -> Artifact:
@@ -124,7 +128,14 @@ def load_artifact(location: str) -> Artifact:
     # In a model repository (<name>/<version>/model.onnx) the served name and version are the folders'.
     in_repository = len(parts) >= 3 and parts[-2].isdigit()
     name, version = (parts[-3], int(parts[-2])) if in_repository else (meta.name, None)
-    return Artifact(data, location, ModelIdentity(name, version, hashlib.sha256(data).hexdigest()), meta.num_classes)
+    return Artifact(data, location, ModelIdentity(name, version, hashlib.sha256(data).hexdigest()), meta)
+
+
+def check_engine(cfg: PredictConfig, artifact: Artifact) -> None:
+    """An engine named for a local run that this host or the artifact's gate refuses: an ArtifactError now,
+    before Ray starts. (On a cluster the actors' hosts decide, and refuse it there.)"""
+    if cfg.engine != AUTO and not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        allowed(artifact.meta, cfg.engine)
 
 
 def run(cfg: PredictConfig, artifact: Artifact, log: Callable[[str], None]) -> Summary:
@@ -160,6 +171,7 @@ def run(cfg: PredictConfig, artifact: Artifact, log: Callable[[str], None]) -> S
     summary.duplicated = [p for p in wanted if after.rows[p] > 1]
     summary.written = sum(after.rows.values()) - sum(before.rows.values())
     summary.errors = after.errors
+    summary.engines = dict(after.engines.most_common())
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -194,12 +206,22 @@ def _pipeline(
             f"{nodes} node{'s' if nodes != 1 else ''}, {cpus} CPUs: {actors} actor{'s' if actors != 1 else ''} "
             f"x {cfg.threads_per_actor} thread{'s' if cfg.threads_per_actor != 1 else ''}"
         )
-        log(f"{len(todo)} files to classify on {summary.cluster}, batches of {cfg.batch_size}")
+        how = "the fastest engine on each actor's host" if cfg.engine == AUTO else f"engine {cfg.engine}"
+        log(f"{len(todo)} files to classify on {summary.cluster}, batches of {cfg.batch_size}, {how}")
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         # In the object store once, rather than in every actor's constructor arguments.
         model = ray.put(artifact.data)
-        spec = ClassifierSpec(model, artifact.source, artifact.model, cfg.top_k, cfg.threads_per_actor, inputs.scheme)
+        spec = ClassifierSpec(
+            model,
+            artifact.source,
+            artifact.model,
+            cfg.top_k,
+            cfg.threads_per_actor,
+            engine=cfg.engine,
+            batch_size=cfg.batch_size,
+            scheme=inputs.scheme,
+        )
         t1 = time.perf_counter()
         # Reading and writing take no CPU slot, so their tasks are bounded apart: a process each costs a
         # Python start-up, and a reader keeps some 8 cores busy (a file read is far cheaper than its inference).

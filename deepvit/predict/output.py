@@ -38,11 +38,13 @@ class OutputError(ValueError):
 
 @dataclass
 class Tally:
-    """What the output holds: rows by path (displayed as SRC names them), rows with an error, and the
-    unreadable files (half written by a run that was killed) that were deleted."""
+    """What the output holds: rows by path (displayed as SRC names them), rows with an error, rows by the
+    engine that computed them, and the unreadable files (half written by a run that was killed) that were
+    deleted."""
 
     rows: Counter[str] = field(default_factory=Counter)
     errors: int = 0
+    engines: Counter[str] = field(default_factory=Counter)
     deleted: list[str] = field(default_factory=list)
 
 
@@ -113,7 +115,7 @@ class Output:
         out = Tally()
         for path in self.files() if files is None else files:
             try:
-                t = pq.read_table(path, columns=["path", "error"], filesystem=self.filesystem)
+                t = pq.read_table(path, columns=["path", "error", "engine"], filesystem=self.filesystem)
             except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
                 if not delete_unreadable:
                     raise OutputError(f"{display_path(self.scheme, path)} cannot be read: {exc}") from None
@@ -122,6 +124,7 @@ class Output:
                 continue
             out.rows.update(t.column("path").to_pylist())
             out.errors += t.num_rows - t.column("error").null_count
+            out.engines.update(e for e in t.column("engine").to_pylist() if e is not None)
         return out
 
     def write(self, rows: pa.Table, name: str) -> None:

@@ -6,6 +6,8 @@ error             why the file has no predictions (not an image, truncated, over
 model, version    the model's name and version (the model repository's ``<name>/<version>/``, when the
                   artifact sits in one; else the name recorded in it and a null version)
 artifact_sha256   the digest of the artifact file that computed the row
+engine            the engine that computed the predictions (``cpu``, ``openvino``, ``openvino-bf16``: see
+                  deepvit.artifact.engines); null on error
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from deepvit.artifact.predictions import Scored
 if TYPE_CHECKING:
     import pyarrow as pa
 
-COLUMNS = ("path", "predictions", "error", "model", "version", "artifact_sha256")
+COLUMNS = ("path", "predictions", "error", "model", "version", "artifact_sha256", "engine")
 
 
 def schema() -> pa.Schema:
@@ -34,6 +36,7 @@ def schema() -> pa.Schema:
             ("model", pa.string()),
             ("version", pa.int64()),
             ("artifact_sha256", pa.string()),
+            ("engine", pa.string()),
         ]
     )
 
@@ -47,8 +50,10 @@ class ModelIdentity:
     sha256: str
 
 
-def table(paths: Sequence[str], outcomes: Sequence[list[Scored] | str], model: ModelIdentity) -> pa.Table:
-    """The rows of ``paths``, each outcome either the top-k or an error message."""
+def table(
+    paths: Sequence[str], outcomes: Sequence[list[Scored] | str], model: ModelIdentity, engine: str | None = None
+) -> pa.Table:
+    """The rows of ``paths``, each outcome either the top-k (computed by ``engine``) or an error message."""
     import pyarrow as pa
 
     columns: dict[str, list[Any]] = {
@@ -58,5 +63,6 @@ def table(paths: Sequence[str], outcomes: Sequence[list[Scored] | str], model: M
         "model": [model.name] * len(paths),
         "version": [model.version] * len(paths),
         "artifact_sha256": [model.sha256] * len(paths),
+        "engine": [engine if isinstance(o, list) else None for o in outcomes],
     }
     return pa.Table.from_pydict(columns, schema=schema())

@@ -29,12 +29,12 @@ from typing import Literal
 import numpy as np
 
 from deepvit.artifact import ArtifactError
-from deepvit.artifact.engines import host_engines
+from deepvit.artifact.engines import candidates, host_engines
 
 from ..batcher import Batcher
 from ..budget import MemoryBudget, MemoryBudgetError, resident_bytes
 from ..config import Settings
-from ..engines import ChosenBy, EngineChoice, candidates, fixed_engine
+from ..engines import ChosenBy, EngineChoice, fixed_engine
 from ..errors import BadRequestError, NotFoundError, UnavailableError
 from ..memory import lower_thread_priority
 from ..metrics import Metrics

@@ -7,14 +7,13 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from deepvit.artifact import OUTPUT_NAME
 from deepvit.artifact.pixels import preprocess
 from deepvit.artifact.predictions import top_k
 from deepvit.artifact.session import metadata_of, open_session
-from deepvit.predict.classifier import SERVICE_LIMITS, Classifier, ClassifierSpec, inference_session
+from deepvit.predict.classifier import SERVICE_LIMITS, Classifier, ClassifierSpec
 from deepvit.predict.rows import COLUMNS, ModelIdentity
 
 from .conftest import BROKEN, GOOD
@@ -22,8 +21,8 @@ from .conftest import BROKEN, GOOD
 MODEL = ModelIdentity("tiny", 1, "ab" * 32)
 
 
-def _classifier(artifact: Path, scheme: str = "") -> Classifier:
-    return Classifier(ClassifierSpec(artifact.read_bytes(), str(artifact), MODEL, 3, 1, scheme))
+def _classifier(artifact: Path, scheme: str = "", engine: str = "cpu") -> Classifier:
+    return Classifier(ClassifierSpec(artifact.read_bytes(), str(artifact), MODEL, 3, 1, engine=engine, scheme=scheme))
 
 
 def test_rows_hold_the_top_k_of_the_pixel_path_or_the_error(artifact: Path, mixed_folder: Path) -> None:
@@ -89,12 +88,27 @@ def test_bucket_paths_are_written_as_uris(artifact: Path, mixed_folder: Path) ->
     assert row["path"] == "s3://photos/a/chelsea.jpg"
 
 
-def test_the_session_uses_the_actors_threads(artifact: Path) -> None:
-    session = inference_session(artifact.read_bytes(), threads=1)
-    assert session.get_providers() == ["CPUExecutionProvider"]
-    assert session.get_session_options().intra_op_num_threads == 1
+def test_rows_say_which_engine_computed_them(artifact: Path, mixed_folder: Path) -> None:
+    names = ["chelsea.jpg", "empty.jpg"]
+    batch = {
+        "path": np.array(names, dtype=object),
+        "bytes": np.array([(mixed_folder / n).read_bytes() for n in names], dtype=object),
+    }
+    for engine in ("cpu", "openvino"):
+        good, broken = _classifier(artifact, engine=engine)(batch).to_pylist()
+        assert good["engine"] == engine
+        assert broken["engine"] is None  # nothing computed it
 
 
-@pytest.mark.parametrize("threads", [2])
-def test_more_threads_for_a_larger_actor(artifact: Path, threads: int) -> None:
-    assert inference_session(artifact.read_bytes(), threads).get_session_options().intra_op_num_threads == threads
+def test_auto_computes_with_an_engine_the_host_offers(artifact: Path, mixed_folder: Path) -> None:
+    classifier = _classifier(artifact, engine="auto")
+    assert set(classifier.chosen.images_per_s) == {"cpu", "openvino"}  # both measured here
+    assert classifier.chosen.engine.name == max(classifier.chosen.images_per_s, key=classifier.chosen.images_per_s.get)
+    assert "openvino-bf16" in classifier.chosen.refused
+    (row,) = classifier(
+        {
+            "path": np.array(["a.jpg"], dtype=object),
+            "bytes": np.array([(mixed_folder / "chelsea.jpg").read_bytes()], dtype=object),
+        }
+    ).to_pylist()
+    assert row["engine"] == classifier.chosen.engine.name

@@ -16,6 +16,9 @@ import pytest
         (["--top-k", "99"], "--top-k 99 must be between 1 and the model's 7 classes"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--actors", "0"], "--actors must be at least 1"),
+        # The tiny artifact records no bf16 gate (and this host may have no BF16 either): said before Ray starts.
+        (["--engine", "openvino-bf16"], "--engine openvino-bf16 cannot compute this artifact here: "),
+        (["--engine", "tensorrt"], "invalid choice: 'tensorrt'"),
     ],
 )
 def test_bad_arguments(

@@ -87,6 +87,10 @@ def test_every_file_gets_one_row_with_the_answer_of_classify(
     assert sorted(rows) == sorted([*GOOD, *BROKEN])
     sha = hashlib.sha256(artifact.read_bytes()).hexdigest()
     assert {(r["model"], r["version"], r["artifact_sha256"]) for r in rows.values()} == {("tiny", 1, sha)}
+    # What computed each row: an engine the actors measured (the broken files' rows: none).
+    assert {rows[n]["engine"] for n in BROKEN} == {None}
+    assert {rows[n]["engine"] for n in GOOD} <= {"cpu", "openvino"}
+    assert sum(run.summary["engines"].values()) == len(GOOD)
 
     with running_server(repo, tmp_path / "server.log") as server, server.client() as client:
         for name, row in rows.items():
@@ -128,9 +132,16 @@ def test_a_bucket_gives_the_same_rows_as_the_folder(
     from_folder = {Path(r["path"]).relative_to(mixed_folder).as_posix(): r for r in read_rows(str(folder_run[1]))}
     assert sorted(from_bucket) == sorted(from_folder)
     for name, row in from_bucket.items():
-        assert {k: v for k, v in row.items() if k != "path"} == {
-            k: v for k, v in from_folder[name].items() if k != "path"
-        }, name
+        # Each run's actors measured the engines afresh: the same answers, the scores within the tolerance.
+        same = ("error", "model", "version", "artifact_sha256")
+        assert {k: row[k] for k in same} == {k: from_folder[name][k] for k in same}, name
+        assert _ranked(row) == _ranked(from_folder[name]), name
+        for got, want in zip(row["predictions"] or [], from_folder[name]["predictions"] or [], strict=True):
+            assert abs(got["score"] - want["score"]) < SCORE_TOLERANCE, name
+
+
+def _ranked(row: dict[str, Any]) -> list[tuple[str, int]] | None:
+    return [(p["label"], p["class_id"]) for p in row["predictions"]] if row["predictions"] is not None else None
 
 
 def _descendants(pid: int) -> list[int]:
