@@ -8,6 +8,7 @@ file holds can fail the batch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ class ClassifierSpec:
     top_k: int
     threads: int
     engine: str = AUTO  # an engine's name, or chosen by measurement on the actor's host (.engine)
-    batch_size: int = 8  # what the engines are measured at: the size of the batches the actor is given
+    batch_size: int = 8  # the rows the actor is handed at a time: its calls are of the size it measures best
     scheme: str = ""  # put back in front of paths (``s3``: ``bucket/key`` → ``s3://bucket/key``)
     limits: ImageLimits = SERVICE_LIMITS
 
@@ -60,6 +61,8 @@ class Classifier:
         self.meta: ArtifactMetadata = metadata_of(open_session(model, optimize=False), spec.source)
         self.chosen = choose(model, self.meta, spec.engine, spec.threads, spec.batch_size)
         self.session = self.chosen.session
+        # Ray forwards an actor's output to the driver's terminal: one line says what computes here and why.
+        print(f"deepvit predict: {self.chosen.describe()}", file=sys.stderr, flush=True)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -79,8 +82,12 @@ class Classifier:
             except Exception as exc:  # whatever else a hostile file makes a decoder raise is the file's fault
                 outcomes.append(f"the image could not be decoded ({type(exc).__name__}: {exc})")
         if crops:
-            logits = self.session.run([OUTPUT_NAME], {self.input_name: np.stack(crops)})[0]
-            good = iter(logits)
+            step = self.chosen.batch  # the size the actor measured fastest per image, not the rows it was handed
+            logits = [
+                self.session.run([OUTPUT_NAME], {self.input_name: np.stack(crops[i : i + step])})[0]
+                for i in range(0, len(crops), step)
+            ]
+            good = iter(np.concatenate(logits))
             for i, outcome in enumerate(outcomes):
                 if isinstance(outcome, list):
                     outcomes[i] = top_k(next(good), self.spec.top_k, self.meta.labels)

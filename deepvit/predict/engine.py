@@ -2,13 +2,16 @@
 
 The candidates are the service's (:func:`deepvit.artifact.engines.candidates`: what the host offers and the
 artifact's gates allow). With ``--engine auto`` each actor measures them where it runs, as the service's
-warm-up does: a session per candidate with the actor's threads, a batch of the job's size run once to
-allocate, then timed; the fewest seconds per image computes. A named engine is used as it is, and is an
-error where the host or the gate refuses it (no silent fallback: a job's rows say what computed them).
+warm-up does: a session per candidate with the actor's threads, each batch size up to the job's run once to
+allocate, then timed; the fewest seconds per image computes, at the smallest size within 5% of its best (on
+a CPU a larger batch is not always cheaper per image: attention's matrices outgrow the caches). A named
+engine is measured for its size alone, and is an error where the host or the gate refuses it (no silent
+fallback: a job's rows say what computed them).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,17 +25,27 @@ from deepvit.artifact.session import open_session
 
 AUTO = "auto"
 CHOICES = (AUTO, *ENGINES)
-TIMED_RUNS = 3  # the best of three: a neighbour's burst inflates one run, not three
+TIMED_RUNS = 2  # the best of two: a neighbour's burst inflates one run, not both; each run costs the job time
+WITHIN = 0.05  # a smaller batch within 5% of the best time per image is as good, and its calls are shorter
 
 
 @dataclass(frozen=True)
 class Chosen:
-    """An actor's session, its engine, and what the others measured (images/s by engine)."""
+    """An actor's session, its engine, the number of images of its calls, and what each candidate measured
+    (images/s at its best size)."""
 
     session: Any
     engine: Engine
+    batch: int
     images_per_s: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        measured = ", ".join(f"{name} {rate:.1f}" for name, rate in self.images_per_s.items())
+        return (
+            f"engine {self.engine.name} on {socket.gethostname()}, calls of {self.batch} image"
+            f"{'s' if self.batch != 1 else ''} (images/s measured at each engine's best size: {measured})"
+        )
 
 
 def engine_session(model: bytes, engine: Engine, threads: int) -> Any:
@@ -66,6 +79,14 @@ def seconds_per_image(session: Any, batch: np.ndarray, clock: Callable[[], float
     return best / len(batch)
 
 
+def batch_sizes(largest: int) -> list[int]:
+    """The inference batch sizes an actor tries: powers of two up to ``largest``, and ``largest``."""
+    sizes = [1]
+    while sizes[-1] * 2 <= largest:
+        sizes.append(sizes[-1] * 2)
+    return sizes if sizes[-1] == largest else [*sizes, largest]
+
+
 def choose(
     model: bytes,
     meta: ArtifactMetadata,
@@ -77,16 +98,21 @@ def choose(
     open_engine: Callable[[bytes, Engine, int], Any] = engine_session,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Chosen:
-    """The session to compute with: the one candidate, or the fastest at ``batch_size`` images a call."""
+    """The session to compute with and the size of its calls: each candidate timed at each size up to the
+    job's ``batch_size`` (the rows an actor is handed at a time); the engine with the fewest seconds per
+    image, at the smallest size within :data:`WITHIN` of its best (the service's warm-up's rule)."""
     found = allowed(meta, wanted, found)
-    if len(found.engines) == 1:
-        engine = found.engines[0]
-        return Chosen(open_engine(model, engine, threads), engine, {}, found.refused)
     crop = meta.preprocess.crop_size
-    batch = np.random.default_rng(batch_size).integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8)
-    sessions, rates = {}, {}
+    pixels = np.random.default_rng(batch_size).integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8)
+    sessions: dict[str, Any] = {}
+    timings: dict[str, dict[int, float]] = {}
     for engine in found.engines:
         sessions[engine.name] = open_engine(model, engine, threads)
-        rates[engine.name] = 1.0 / seconds_per_image(sessions[engine.name], batch, clock)
+        timings[engine.name] = {
+            n: seconds_per_image(sessions[engine.name], pixels[:n], clock) for n in batch_sizes(batch_size)
+        }
+    rates = {name: 1.0 / min(by_size.values()) for name, by_size in timings.items()}
     best = max(rates, key=lambda name: rates[name])
-    return Chosen(sessions[best], ENGINES[best], rates, found.refused)
+    fastest = min(timings[best].values())
+    size = min(n for n, t in timings[best].items() if t <= fastest * (1 + WITHIN))
+    return Chosen(sessions[best], ENGINES[best], size, rates, found.refused)

@@ -3,8 +3,10 @@ the artifact's session, or the file's error; the limits of the service."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -98,6 +100,28 @@ def test_rows_say_which_engine_computed_them(artifact: Path, mixed_folder: Path)
         good, broken = _classifier(artifact, engine=engine)(batch).to_pylist()
         assert good["engine"] == engine
         assert broken["engine"] is None  # nothing computed it
+
+
+def test_calls_are_of_the_size_the_actor_measured_best(artifact: Path, mixed_folder: Path) -> None:
+    blobs = [(mixed_folder / n).read_bytes() for n in GOOD[:5]]
+    whole = _classifier(artifact).classify(blobs)
+    classifier = _classifier(artifact)
+    classifier.chosen = dataclasses.replace(classifier.chosen, batch=2)
+    sizes: list[int] = []
+    run = classifier.session.run
+
+    def recording(outputs: Any, feed: dict[str, np.ndarray]) -> Any:
+        sizes.append(len(next(iter(feed.values()))))
+        return run(outputs, feed)
+
+    classifier.session = type("Recording", (), {"run": staticmethod(recording)})()
+    in_twos = classifier.classify(blobs)
+    assert sizes == [2, 2, 1]
+    for got, want in zip(in_twos, whole, strict=True):
+        assert isinstance(got, list)
+        assert isinstance(want, list)
+        assert [(p["label"], p["class_id"]) for p in got] == [(p["label"], p["class_id"]) for p in want]
+        assert np.allclose([p["score"] for p in got], [p["score"] for p in want], atol=1e-5)
 
 
 def test_auto_computes_with_an_engine_the_host_offers(artifact: Path, mixed_folder: Path) -> None:

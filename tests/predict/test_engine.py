@@ -1,5 +1,7 @@
-"""The engine an actor computes with: the service's candidates, the fastest of them measured where the actor
-runs (an injected clock decides here), or the one named, refused with its reason where it cannot compute."""
+"""The engine an actor computes with, and the size of its calls: the service's candidates, each timed at
+each size up to the job's batch where the actor runs (an injected clock decides here), the fastest per image
+at the smallest size within 5% of its best; or the engine named, refused with its reason where it cannot
+compute."""
 
 from __future__ import annotations
 
@@ -12,23 +14,9 @@ import pytest
 from deepvit.artifact import ArtifactError
 from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_ENGINE, Candidates, Engine
 from deepvit.artifact.session import read_metadata
-from deepvit.predict.engine import TIMED_RUNS, choose, engine_session, seconds_per_image
+from deepvit.predict.engine import TIMED_RUNS, batch_sizes, choose, engine_session, seconds_per_image
 
 HOST = Candidates((CPU_ENGINE, OPENVINO_ENGINE), {"openvino-bf16": "no BF16 on this CPU"})
-
-
-class FakeSession:
-    """A session whose runs last ``seconds`` on the clock below."""
-
-    def __init__(self, engine: Engine, clock: FakeClock, seconds: float) -> None:
-        self.engine, self.clock, self.seconds, self.runs = engine, clock, seconds, 0
-
-    def get_inputs(self) -> list[Any]:
-        return [type("Input", (), {"name": "image"})()]
-
-    def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> None:
-        self.runs += 1
-        self.clock.now += self.seconds
 
 
 class FakeClock:
@@ -39,49 +27,64 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def opened() -> dict[str, FakeSession]:
-    """The sessions a test's opener made, by engine."""
-    return {}
+class FakeSession:
+    """A session whose runs of n images last ``per_image[n] * n`` on the clock."""
+
+    def __init__(self, clock: FakeClock, per_image: dict[int, float]) -> None:
+        self.clock, self.per_image, self.sizes = clock, per_image, []
+
+    def get_inputs(self) -> list[Any]:
+        return [type("Input", (), {"name": "image"})()]
+
+    def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> None:
+        n = len(feed["image"])
+        self.sizes.append(n)
+        self.clock.now += self.per_image[n] * n
 
 
-def _opener(clock: FakeClock, seconds: dict[str, float], opened: dict[str, FakeSession]) -> Any:
+def _choose(artifact: Path, wanted: str, per_image: dict[str, dict[int, float]], found: Candidates = HOST) -> Any:
+    clock, opened = FakeClock(), {}
+
     def open_engine(model: bytes, engine: Engine, threads: int) -> FakeSession:
-        opened[engine.name] = FakeSession(engine, clock, seconds[engine.name])
+        opened[engine.name] = FakeSession(clock, per_image[engine.name])
         return opened[engine.name]
 
-    return open_engine
+    chosen = choose(b"", read_metadata(artifact), wanted, 1, 8, found=found, open_engine=open_engine, clock=clock)
+    return chosen, opened
 
 
-def test_auto_keeps_the_fastest_engine_measured_at_the_jobs_batch(
-    artifact: Path, opened: dict[str, FakeSession]
-) -> None:
-    clock = FakeClock()
-    meta = read_metadata(artifact)
-    seconds = {"cpu": 0.08, "openvino": 0.05}  # a batch of 8: 10 ms and 6.25 ms an image
-    chosen = choose(b"", meta, "auto", 1, 8, found=HOST, open_engine=_opener(clock, seconds, opened), clock=clock)
-    assert chosen.engine == OPENVINO_ENGINE
-    assert chosen.session is opened["openvino"]
-    assert chosen.images_per_s == pytest.approx({"cpu": 100.0, "openvino": 160.0})
-    assert chosen.refused == {"openvino-bf16": "no BF16 on this CPU"}
-    assert all(s.runs == 1 + TIMED_RUNS for s in opened.values())  # one to allocate, then timed
-
-
-def test_a_single_candidate_is_used_without_measuring(artifact: Path, opened: dict[str, FakeSession]) -> None:
-    clock = FakeClock()
-    only_cpu = Candidates((CPU_ENGINE,), {"openvino": "the plugin is not installed"})
-    opener = _opener(clock, {"cpu": 0.1}, opened)
-    chosen = choose(b"", read_metadata(artifact), "auto", 1, 8, found=only_cpu, open_engine=opener, clock=clock)
+def test_auto_keeps_the_fastest_engine_at_its_best_size(artifact: Path) -> None:
+    per_image = {
+        "cpu": {1: 0.025, 2: 0.031, 4: 0.029, 8: 0.030},  # attention outgrows the caches: one at a time is best
+        "openvino": {1: 0.036, 2: 0.032, 4: 0.029, 8: 0.032},
+    }
+    chosen, opened = _choose(artifact, "auto", per_image)
     assert chosen.engine == CPU_ENGINE
-    assert opened["cpu"].runs == 0
-    assert chosen.images_per_s == {}
+    assert chosen.batch == 1
+    assert chosen.session is opened["cpu"]
+    assert chosen.images_per_s == pytest.approx({"cpu": 40.0, "openvino": 1 / 0.029})
+    assert chosen.refused == {"openvino-bf16": "no BF16 on this CPU"}
+    # Every size up to the job's batch: one run to allocate, then the timed ones.
+    assert sorted(opened["openvino"].sizes) == sorted([n for n in (1, 2, 4, 8) for _ in range(1 + TIMED_RUNS)])
 
 
-def test_a_named_engine_is_used_as_it_is(artifact: Path, opened: dict[str, FakeSession]) -> None:
-    clock = FakeClock()
-    opener = _opener(clock, {"cpu": 0.01, "openvino": 1.0}, opened)
-    chosen = choose(b"", read_metadata(artifact), "openvino", 1, 8, found=HOST, open_engine=opener, clock=clock)
-    assert chosen.engine == OPENVINO_ENGINE  # slower, but named
+def test_the_smallest_size_within_five_percent_of_the_best_is_kept(artifact: Path) -> None:
+    per_image = {"cpu": {1: 0.050, 2: 0.0295, 4: 0.0290, 8: 0.0285}, "openvino": {n: 1.0 for n in (1, 2, 4, 8)}}
+    chosen, _ = _choose(artifact, "auto", per_image)
+    assert (chosen.engine, chosen.batch) == (CPU_ENGINE, 2)  # 29.5 ms is within 5% of 28.5 ms
+
+
+def test_a_single_candidate_is_timed_only_for_its_size(artifact: Path) -> None:
+    only_cpu = Candidates((CPU_ENGINE,), {"openvino": "the plugin is not installed"})
+    chosen, opened = _choose(artifact, "auto", {"cpu": {1: 0.04, 2: 0.02, 4: 0.03, 8: 0.03}}, found=only_cpu)
+    assert (chosen.engine, chosen.batch) == (CPU_ENGINE, 2)
+    assert list(opened) == ["cpu"]
+
+
+def test_a_named_engine_is_used_as_it_is(artifact: Path) -> None:
+    per_image = {"cpu": dict.fromkeys((1, 2, 4, 8), 0.01), "openvino": {1: 1.0, 2: 1.0, 4: 0.5, 8: 1.0}}
+    chosen, opened = _choose(artifact, "openvino", per_image)
+    assert (chosen.engine, chosen.batch) == (OPENVINO_ENGINE, 4)  # slower than cpu, but named
     assert list(opened) == ["openvino"]
 
 
@@ -92,14 +95,19 @@ def test_a_named_engine_that_cannot_compute_here_is_refused_with_why(artifact: P
 
 def test_the_best_of_the_timed_runs_counts() -> None:
     clock = FakeClock()
-    durations = iter([5.0, 0.4, 0.2, 0.3])  # the untimed run, then three timed ones
+    durations = iter([5.0, 0.4, 0.2, 0.3][: 1 + TIMED_RUNS])  # the untimed run, then the timed ones
 
     class Session(FakeSession):
         def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> None:
             self.clock.now += next(durations)
 
-    session = Session(CPU_ENGINE, clock, 0.0)
+    session = Session(clock, {})
     assert seconds_per_image(session, np.zeros((4, 2, 2, 3), np.uint8), clock) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(("largest", "sizes"), [(1, [1]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]), (12, [1, 2, 4, 8, 12])])
+def test_the_sizes_tried(largest: int, sizes: list[int]) -> None:
+    assert batch_sizes(largest) == sizes
 
 
 @pytest.mark.parametrize("threads", [1, 2])
