@@ -45,7 +45,12 @@ def register(sub: Any) -> None:
         metavar=("PLAIN.onnx", "EXPLAIN.onnx"),
         help="instead: time one model exported without and with --explain (see bench/attention_cost.py)",
     )
-    p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (--attention-cost)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds: timings of --attention-cost (default 20); the service and the command, "
+        "alternated, of --predict (default 3)",
+    )
     p.add_argument(
         "--decode-memory",
         action="store_true",
@@ -158,7 +163,15 @@ def _predict(args: argparse.Namespace) -> int:
 
     name, artifact = _served_model(args)
     subtitle, table = run_predict_bench(
-        args.model_repository, name, artifact, _photos(args), args.output, args.images, args.duration, args.min_time
+        args.model_repository,
+        name,
+        artifact,
+        _photos(args),
+        args.output,
+        args.images,
+        args.duration,
+        args.min_time,
+        args.rounds or 3,
     )
     heading = f"{name}: deepvit predict on a folder, the HTTP service, the folder's limit"
     return _publish(args, "predict", f"{name}-predict.md", heading, subtitle, table)
@@ -256,7 +269,8 @@ def _attention_cost(args: argparse.Namespace) -> int:
 
     plain, explain = args.attention_cost
     meta = read_metadata(plain)
-    rows = measure(plain, explain, [b for b in args.batch_sizes if b <= 8] or [1], args.rounds)
+    rounds = args.rounds or 20
+    rows = measure(plain, explain, [b for b in args.batch_sizes if b <= 8] or [1], rounds)
     heading = f"{meta.name}: the cost of the attention output"
-    subtitle = f"ONNX Runtime on the CPU, one intra-op thread · median of {args.rounds} interleaved rounds"
+    subtitle = f"ONNX Runtime on the CPU, one intra-op thread · median of {rounds} interleaved rounds"
     return _publish(args, "attention-cost", f"{meta.name}-attention-cost.md", heading, subtitle, render(rows))

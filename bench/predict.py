@@ -21,10 +21,12 @@ import itertools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,7 @@ async def _closed_loop(url: str, bodies: Sequence[bytes], concurrency: int, dura
 class HttpRate:
     images_per_s: float
     errors: int
+    engine: str = ""  # what the service chose: engine, instances, batch (GET /models)
 
 
 def http_rate(repository: Path, model: str, files: Sequence[Path], duration_s: float, log: Path) -> HttpRate:
@@ -109,9 +112,20 @@ def http_rate(repository: Path, model: str, files: Sequence[Path], duration_s: f
         asyncio.run(_closed_loop(url + "/classify", bodies, HTTP_CONCURRENCY, 2.0))  # not measured: warm-up
         started = time.perf_counter()
         ok, failed = asyncio.run(_closed_loop(url + "/classify", bodies, HTTP_CONCURRENCY, duration_s))
-        return HttpRate(ok / (time.perf_counter() - started), failed)
+        return HttpRate(ok / (time.perf_counter() - started), failed, _served_engine(url))
     finally:
         stop(proc)
+
+
+def _served_engine(url: str) -> str:
+    """What the service computes with, as ``GET /models`` reports it."""
+    with urllib.request.urlopen(url + "/models", timeout=10) as answer:
+        (served,) = json.load(answer)["models"]
+    batching = served["batching"]
+    return (
+        f"{served['engine']['name']}, {batching['instances']} instance{'s' if batching['instances'] != 1 else ''}"
+        f"{' + one over every core' if batching['solo_session'] else ''}, batches up to {batching['max_batch_size']}"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,42 +201,72 @@ def predict_command(folder: Path, artifact: Path, output: Path, log: Path) -> Co
     return CommandRun(int(summary["written"]), wall, summary, sum(seen.values()), busy)
 
 
-def render(limit: MachineLimit, run: CommandRun, http: HttpRate, images: int) -> str:
-    started = float(run.summary["images_per_s_once_started"] or 0.0)
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _started(run: CommandRun) -> float:
+    return float(run.summary["images_per_s_once_started"] or 0.0)
+
+
+def render(limit: MachineLimit, runs: Sequence[CommandRun], https: Sequence[HttpRate], images: int) -> str:
+    """Medians over the rounds (the HTTP service and the command alternate, so that both see the same
+    machine), each round's figures beside them."""
+    whole = _median([r.images_per_s for r in runs])
+    started = _median([_started(r) for r in runs])
+    http = _median([h.images_per_s for h in https])
+    cpu_s = _median([r.cpu_s for r in runs])
+
+    def each(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+        return "rounds: " + ", ".join(fmt.format(v) for v in values)
+
+    ratios = [_started(r) / h.images_per_s for r, h in zip(runs, https, strict=True)]
+    last = runs[-1].summary
+    engines: object = last.get("engines") or {}
     rows = [
         ("folder's limit", f"{limit.images_per_s:.1f} images/s"),
-        ("deepvit predict, whole command", f"{run.images_per_s:.1f} images/s ({images} images in {run.wall_s:.1f} s)"),
-        ("deepvit predict, once Ray was up", f"{started:.1f} images/s (Ray up in {run.summary['startup_seconds']} s)"),
-        (f"HTTP service, concurrency {HTTP_CONCURRENCY}", f"{http.images_per_s:.1f} images/s ({http.errors} errors)"),
-        ("whole command / folder's limit", f"{run.images_per_s / limit.images_per_s:.2f}"),
+        ("deepvit predict, whole command", f"{whole:.1f} images/s ({each([r.images_per_s for r in runs])})"),
+        (
+            "deepvit predict, once Ray was up",
+            f"{started:.1f} images/s ({each([_started(r) for r in runs])}; Ray up in {last['startup_seconds']} s)",
+        ),
+        (
+            f"HTTP service, concurrency {HTTP_CONCURRENCY}",
+            f"{http:.1f} images/s ({each([h.images_per_s for h in https])}; {sum(h.errors for h in https)} errors)",
+        ),
+        ("whole command / folder's limit", f"{whole / limit.images_per_s:.2f}"),
         (
             "CPU per image: the limit's / the whole command's",
-            f"{limit.decode_ms + limit.infer_ms:.1f} ms / {1000 * run.cpu_s / images:.1f} ms = "
-            f"{(limit.decode_ms + limit.infer_ms) * images / (1000 * run.cpu_s):.2f}",
+            f"{limit.decode_ms + limit.infer_ms:.1f} ms / {1000 * cpu_s / images:.1f} ms = "
+            f"{(limit.decode_ms + limit.infer_ms) * images / (1000 * cpu_s):.2f}",
         ),
-        ("other work's share of the machine meanwhile", f"{run.others_share:.0%}"),
-        ("once Ray was up / HTTP service", f"{started / http.images_per_s:.2f}x"),
-        ("predict's cluster", str(run.summary["cluster"])),
+        ("other work's share of the machine meanwhile", each([r.others_share for r in runs], "{:.0%}")),
+        (
+            "once Ray was up / HTTP service",
+            f"{started / http:.2f}x ({each(ratios, '{:.2f}x')})",
+        ),
+        ("predict's cluster and engines", f"{last['cluster']}; rows by engine {engines}"),
+        ("the service's engine", https[-1].engine),
     ]
     return f"{limit.describe()}\n\n{key_value_table(rows)}"
 
 
-def draw(limit: MachineLimit, run: CommandRun, http: HttpRate, title: str, path: Path) -> Path:
+def draw(limit: MachineLimit, runs: Sequence[CommandRun], https: Sequence[HttpRate], title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bars = {
-        "deepvit predict\nwhole command": run.images_per_s,
-        "deepvit predict\nonce Ray was up": float(run.summary["images_per_s_once_started"] or 0.0),
-        f"HTTP service\nconcurrency {HTTP_CONCURRENCY}": http.images_per_s,
+        "deepvit predict\nwhole command": _median([r.images_per_s for r in runs]),
+        "deepvit predict\nonce Ray was up": _median([_started(r) for r in runs]),
+        f"HTTP service\nconcurrency {HTTP_CONCURRENCY}": _median([h.images_per_s for h in https]),
     }
     fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.barh(list(bars), list(bars.values()), color=["tab:blue", "tab:cyan", "tab:orange"])
     ax.axvline(limit.images_per_s, color="grey", linestyle="--", label="folder's limit")
     ax.axvline(0.6 * limit.images_per_s, color="grey", linestyle=":", label="0.6 x limit")
-    ax.set_xlabel("images/s")
+    ax.set_xlabel(f"images/s (median of {len(runs)} rounds)")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     ax.set_title(title, fontsize=10)
@@ -241,6 +285,7 @@ def run_predict_bench(
     images: int,
     duration_s: float,
     min_time_s: float,
+    rounds: int = 3,
 ) -> tuple[str, str]:
     """(heading and subtitle, table); writes the chart beside ``output``'s table."""
     with tempfile.TemporaryDirectory(prefix="deepvit-bench-predict-") as tmp:
@@ -250,20 +295,24 @@ def run_predict_bench(
         sample = [f.read_bytes() for f in files[:: max(1, len(files) // 300)]]
         print("measuring the folder's limit…", file=sys.stderr, flush=True)
         limit = measure_limit(artifact, sample, [1, 2, 4, 8, 16, 32], min_time_s)
-        print(f"the HTTP service at concurrency {HTTP_CONCURRENCY}…", file=sys.stderr, flush=True)
-        http = http_rate(repository, model, files, duration_s, work / "server.log")
-        print("deepvit predict on the folder…", file=sys.stderr, flush=True)
-        run = predict_command(work / "photos", artifact, work / "out", work / "predict.log")
+        https, runs = [], []
+        for i in range(1, rounds + 1):  # alternated, so that a slow spell of a shared machine falls on both
+            print(
+                f"round {i}/{rounds}: the HTTP service at concurrency {HTTP_CONCURRENCY}…", file=sys.stderr, flush=True
+            )
+            https.append(http_rate(repository, model, files, duration_s, work / f"server-{i}.log"))
+            print(f"round {i}/{rounds}: deepvit predict on the folder…", file=sys.stderr, flush=True)
+            runs.append(predict_command(work / "photos", artifact, work / f"out-{i}", work / f"predict-{i}.log"))
     kinds = ", ".join(f"{fmt} {share:.0%}" for fmt, _, share in FORMATS)
     subtitle = (
         f"{images} images made from {len(photos)} photographs (long side 256-1024 px; {kinds}); deepvit predict with "
         f"its defaults on a local Ray; the HTTP service with its defaults, {HTTP_CONCURRENCY} closed-loop clients "
-        f"for {duration_s:g} s"
+        f"for {duration_s:g} s; {rounds} rounds of both, alternated"
     )
-    table = render(limit, run, http, images)
+    table = render(limit, runs, https, images)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         title = f"{model}: deepvit predict and the HTTP service"
-        chart = draw(limit, run, http, title, output / f"{model}-predict.png")
+        chart = draw(limit, runs, https, title, output / f"{model}-predict.png")
         table += f"\n\n![chart]({chart.name})"
     return subtitle, table
