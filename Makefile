@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL_REPOSITORY ?= models
 DEFAULT_MODEL ?= deepvit_S
-EXTRAS ?= train,dev,batch
+EXTRAS ?= train,dev,batch,cluster
 TOOLS_VENV ?= .venv-tools
 
 .PHONY: help serve test lint pytest dev tools default-model bench bench-gpu clean proto

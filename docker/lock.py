@@ -16,6 +16,9 @@ fetched at whatever version is newest.
 - each also pins the build backend of ``[build-system]`` (setuptools), with which the image builds the project
   without build isolation.
 - ``requirements-export.txt``: the ``train`` extra as well, for the export image.
+- ``requirements-batch.txt``: the CPU serving lock's packages (the decode path and ONNX Runtime) with the
+  ``cluster`` extra (Ray Data, pyarrow, Ray's dashboard and job API), for the batch image that KubeRay runs
+  ``deepvit predict`` in (docker/Dockerfile.batch).
 """
 
 from __future__ import annotations
@@ -110,11 +113,15 @@ def locks() -> dict[str, str]:
     cpu = closure([*serve, *build, Requirement(f"onnxruntime-gpu=={ort_gpu.version}")])
     cpu["onnxruntime"] = cpu.pop("onnxruntime-gpu")
     export = closure([*project_requirements({"train"}), *build])
+    # The batch image computes on the CPU: the CPU image's wheel, and the extra of a Ray cluster's nodes.
+    batch = closure([*project_requirements({"cluster"}), *build])
+    batch["onnxruntime"] = batch.pop("onnxruntime-gpu")
     # torch needs setuptools at run time (its metadata says so); pip hides it from `pip freeze`.
     return {
         "requirements-serve-gpu.txt": render("GPU serving image: docker/Dockerfile", gpu),
         "requirements-serve-cpu.txt": render("CPU serving image: docker/Dockerfile.cpu", cpu),
         "requirements-export.txt": render("Export image: docker/Dockerfile.export", export),
+        "requirements-batch.txt": render("Batch image (deepvit predict on Ray): docker/Dockerfile.batch", batch),
     }
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,42 @@ def served(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def image_root() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's own tmp is private to its user)."""
+    root = Path(tempfile.mkdtemp(prefix="deepvit-image-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _traversable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
+@pytest.fixture(scope="module")
+def image_python(image_root: Path) -> Path:
+    """A ``python`` (CPython 3.11, as the image's) that the image's unprivileged user can run: when this
+    suite runs as root, its own interpreter may live under /root, out of that user's reach."""
+    candidates = [Path(sys._base_executable).resolve(), Path("/usr/local/bin/python3.11"), Path("/usr/bin/python3.11")]
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        if os.geteuid() == 0 and not _traversable_by_others(candidate):
+            continue
+        probe = subprocess.run(
+            [str(candidate), "-c", "import sys, venv, ensurepip; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if probe.stdout.strip() == "(3, 11)":
+            shims = image_root / "bin"
+            shims.mkdir()
+            (shims / "python").symlink_to(candidate)
+            return shims
+    return Path(require_tool("python3.11-for-an-unprivileged-user", "apt-get install python3.11-venv"))

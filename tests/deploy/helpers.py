@@ -123,6 +123,23 @@ def read_dockerfile(path: Path) -> list[Stage]:
     return stages
 
 
+def dockerignore_excludes(rel: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rules: the last matching pattern wins, `!` re-includes, a pattern that
+    matches a directory covers what is under it, `**` spans directories."""
+    excluded = False
+    parts = rel.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
+        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
 def exec_form(arg: str) -> list[str]:
     """The JSON array of an exec-form instruction (ENTRYPOINT, CMD, HEALTHCHECK ... CMD)."""
     value = json.loads(arg)

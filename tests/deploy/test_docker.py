@@ -21,12 +21,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from .conftest import MAKE_TOOLS, require_tool
-from .helpers import ROOT, Stage, exec_form, read_dockerfile
+from .helpers import ROOT, Stage, dockerignore_excludes, exec_form, read_dockerfile
 from .test_k8s import run_checkov
 
 DOCKER = ROOT / "docker"
 SERVE_IMAGES = {"Dockerfile": "requirements-serve-gpu.txt", "Dockerfile.cpu": "requirements-serve-cpu.txt"}
-ALL_DOCKERFILES = [*SERVE_IMAGES, "Dockerfile.export"]
+LOCKS = {**SERVE_IMAGES, "Dockerfile.export": "requirements-export.txt", "Dockerfile.batch": "requirements-batch.txt"}
+ALL_DOCKERFILES = list(LOCKS)
 IMAGE_ENV = {
     "python_version": "3.11",
     "sys_platform": "linux",
@@ -180,7 +181,14 @@ def test_gpu_and_cpu_images_differ_only_in_runtime_and_lock() -> None:
     assert cpu[-1].env()["DEEPVIT_PROVIDERS"] == "cpu"
 
 
-@pytest.mark.parametrize(("name", "lock"), [*SERVE_IMAGES.items(), ("Dockerfile.export", "requirements-export.txt")])
+@pytest.mark.parametrize(
+    ("name", "lock"),
+    [
+        *SERVE_IMAGES.items(),
+        ("Dockerfile.export", "requirements-export.txt"),
+        ("Dockerfile.batch", "requirements-batch.txt"),
+    ],
+)
 def test_images_install_only_from_their_lock(name: str, lock: str) -> None:
     runs = stages(name)[0].all("RUN")
     pip = [r for r in runs if "pip install" in r]
@@ -212,9 +220,7 @@ def test_serving_locks_hold_no_torch_and_meet_the_project(lock: str) -> None:
         assert req.specifier.contains(pins[name], prereleases=True), f"{lock}: {name}=={pins[name]} vs {req}"
 
 
-@pytest.mark.parametrize(
-    "lock", ["requirements-serve-gpu.txt", "requirements-serve-cpu.txt", "requirements-export.txt"]
-)
+@pytest.mark.parametrize("lock", LOCKS.values())
 def test_locks_are_closed(lock: str) -> None:
     """Every requirement of every locked package (read from this venv where it has the same version)
     is itself locked at a version that satisfies it: `pip install --no-deps` leaves nothing out."""
@@ -230,6 +236,7 @@ def test_locks_are_closed(lock: str) -> None:
             continue
         checked += 1
         extras = {"cuda", "cudnn"} if name == "onnxruntime-gpu" and "gpu" in lock else set()
+        extras |= {"data", "default"} if name == "ray" and "batch" in lock else set()  # the cluster extra's
         for raw in dist.requires or []:
             req = Requirement(raw)
             envs = [{**IMAGE_ENV, "extra": e} for e in (extras or {""})]
@@ -239,6 +246,32 @@ def test_locks_are_closed(lock: str) -> None:
             assert sub in pins, f"{lock}: {name} needs {req}"
             assert req.specifier.contains(pins[sub], prereleases=True), f"{lock}: {name} needs {req}"
     assert checked >= len(pins) // 2, "too few locked versions installed here to check the lock"
+
+
+def test_batch_lock_is_the_cpu_images_and_the_cluster_extra() -> None:
+    """The batch image decodes and computes as the CPU serving image does (the same locked versions), with
+    the project's ``cluster`` extra on top (Ray Data, pyarrow, Ray's dashboard and job API)."""
+    batch, cpu = read_lock("requirements-batch.txt"), read_lock("requirements-serve-cpu.txt")
+    assert {name: batch.get(name) for name in cpu} == cpu
+    assert not {"torch", "torchvision", "timm", "onnx", "onnxruntime-gpu"} & set(batch)
+    project = metadata.distribution("deepvit-serve")
+    cluster = [Requirement(r) for r in project.requires or []]
+    cluster = [r for r in cluster if r.marker and 'extra == "cluster"' in str(r.marker)]
+    assert {canonicalize_name(r.name) for r in cluster} == {"ray", "pyarrow"}
+    for req in cluster:
+        assert req.specifier.contains(batch[canonicalize_name(req.name)], prereleases=True), req
+    # Ray's dashboard and job API, through which KubeRay submits the job and probes the nodes.
+    assert {"aiohttp", "aiohttp-cors", "opencensus", "smart-open", "virtualenv"} <= set(batch)
+
+
+def test_batch_image_is_a_ray_node_for_kuberay() -> None:
+    final = stages("Dockerfile.batch")[-1]
+    assert final.last("ENTRYPOINT") is None, "KubeRay gives the command (ray start); an entry point would wrap it"
+    assert final.last("USER") == "1000:1000"  # Ray's images' user, which the RayJob's securityContext names
+    links = [r for r in final.all("RUN") if r.startswith("ln -s")]
+    assert links == ["ln -s /opt/venv/bin/ray /opt/venv/bin/deepvit /usr/local/bin/"], "bash -l resets PATH"
+    assert any("--create-home --home-dir /home/ray" in r for r in final.all("RUN"))
+    assert final.env()["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
 def test_gpu_image_library_path_holds_what_the_cuda_provider_loads() -> None:
@@ -274,23 +307,6 @@ def test_gpu_image_library_path_holds_what_the_cuda_provider_loads() -> None:
         assert owners.get(lib) in pins, f"{lib} comes from {owners.get(lib)}, which the GPU lock lacks"
 
 
-def _dockerignore_excludes(rel: str, patterns: list[str]) -> bool:
-    """Docker's .dockerignore rules: the last matching pattern wins, `!` re-includes, a pattern that
-    matches a directory covers what is under it, `**` spans directories."""
-    excluded = False
-    parts = rel.split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    for raw in patterns:
-        negate = raw.startswith("!")
-        pattern = raw[1:] if negate else raw
-        pattern = pattern.strip("/")
-        regex = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
-        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
-        if any(re.fullmatch(regex, c) for c in candidates):
-            excluded = not negate
-    return excluded
-
-
 def test_build_context_keeps_what_the_dockerfiles_copy() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
@@ -307,7 +323,7 @@ def test_build_context_keeps_what_the_dockerfiles_copy() -> None:
                     assert files, source
                     for f in files:
                         rel = f.relative_to(ROOT).as_posix()
-                        assert not _dockerignore_excludes(rel, patterns), f"{name} copies {rel}, .dockerignore drops it"
+                        assert not dockerignore_excludes(rel, patterns), f"{name} copies {rel}, .dockerignore drops it"
     for kept_out in (".venv/bin/python", ".venv-tools/bin/python", "models/a/1/model.onnx", ".git/HEAD",
                      "tests/data/tiny_cnn.json", "service/__pycache__/app.cpython-311.pyc"):  # fmt: skip
-        assert _dockerignore_excludes(kept_out, patterns), kept_out
+        assert dockerignore_excludes(kept_out, patterns), kept_out

@@ -10,101 +10,24 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import require_tool
 from .helpers import ROOT, ServerProcess, exec_form, free_port, http_get, read_dockerfile, start_server
-from .test_docker import _dockerignore_excludes
+from .image import IMAGE_VENV, run_build_stage
 
 pytestmark = pytest.mark.integration
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile.cpu"
-IMAGE_VENV = "/opt/venv"
 IMAGE_REPOSITORY = "/models"
-
-
-@pytest.fixture(scope="module")
-def image_root() -> Iterator[Path]:
-    """A directory every user may traverse (pytest's own tmp is private to its user)."""
-    root = Path(tempfile.mkdtemp(prefix="deepvit-image-"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _traversable_by_others(path: Path) -> bool:
-    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
-
-
-@pytest.fixture(scope="module")
-def image_python(image_root: Path) -> Path:
-    """A ``python`` (CPython 3.11, as the image's) that the image's unprivileged user can run: when this
-    suite runs as root, its own interpreter may live under /root, out of that user's reach."""
-    candidates = [Path(sys._base_executable).resolve(), Path("/usr/local/bin/python3.11"), Path("/usr/bin/python3.11")]
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        if os.geteuid() == 0 and not _traversable_by_others(candidate):
-            continue
-        probe = subprocess.run(
-            [str(candidate), "-c", "import sys, venv, ensurepip; print(sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if probe.stdout.strip() == "(3, 11)":
-            shims = image_root / "bin"
-            shims.mkdir()
-            (shims / "python").symlink_to(candidate)
-            return shims
-    return Path(require_tool("python3.11-for-an-unprivileged-user", "apt-get install python3.11-venv"))
 
 
 @pytest.fixture(scope="module")
 def installed(image_root: Path, image_python: Path, service_available: None) -> Path:
     """The build stage, run: returns the venv (the image's /opt/venv)."""
-    build, _runtime = read_dockerfile(DOCKERFILE)
-    workdir = build.last("WORKDIR")
-    assert workdir == "/src"
-    context = image_root / "src"
-    context.mkdir()
-    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()[:1] not in ("", "#")]
-    venv = image_root / "venv"
-    env = {**os.environ, **{k: v for k, v in build.env().items() if k != "PATH"}}
-    # The base image's `python`: CPython 3.11.
-    env["PATH"] = f"{image_python}:{os.environ.get('PATH', '')}"
-    for keyword, arg in build.instructions:
-        if keyword == "COPY":
-            *sources, dest = arg.split()
-            for source in sources:
-                target = context / dest
-                src = ROOT / source
-                files = [p for p in src.rglob("*") if p.is_file()] if src.is_dir() else [src]
-                for f in files:
-                    rel = f.relative_to(ROOT).as_posix()
-                    if _dockerignore_excludes(rel, ignore):
-                        continue
-                    inner = f.relative_to(src) if src.is_dir() else Path(f.name)
-                    out = (target / inner) if (src.is_dir() or dest.endswith("/")) else target
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, out)
-        elif keyword == "RUN":
-            # The same command; pip's cache is allowed here (it changes where bytes come from, not what
-            # is installed), the venv lives where this test can write.
-            command = arg.replace(IMAGE_VENV, str(venv)).replace(" --no-cache-dir", "")
-            proc = subprocess.run(
-                ["bash", "-c", command], cwd=context, env=env, capture_output=True, text=True, timeout=600
-            )
-            assert proc.returncode == 0, f"RUN {arg}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return venv
+    return run_build_stage(DOCKERFILE, image_root, image_python)
 
 
 def test_install_is_the_serving_side_only(installed: Path) -> None:

@@ -1,6 +1,7 @@
 """k8s/rayjob: the RayJob renders, validates against KubeRay's published CRD schema (vendored in
 tests/deploy/crd/kuberay, strict about unknown fields), and runs a ``deepvit predict`` that this version's
-command line accepts, on a cluster that ends with the job and retries by resuming."""
+command line accepts, on a cluster of the project's batch image that ends with the job and retries by
+resuming."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 import yaml
 
 from .conftest import require_tool
-from .helpers import ROOT
+from .helpers import ROOT, read_dockerfile
 
 CRD = ROOT / "tests" / "deploy" / "crd" / "kuberay" / "ray.io_rayjobs.yaml.gz"
+# Ray's dashboard agent (its default port): the node's raylet, and on the head its GCS.
+NODE_HEALTH = {"path": "/api/healthz", "port": 52365}
 
 
 def _strict(schema: Any) -> Any:
@@ -85,26 +88,32 @@ def test_the_job_is_a_resumable_deepvit_predict_that_ends_its_cluster(rayjob: di
     assert args.output.startswith(("s3://", "gs://")), "every attempt, on any node, finds the rows of the last"
     assert args.src.startswith(("s3://", "gs://"))
     assert args.address is None, "the job's RAY_ADDRESS joins the cluster made for it"
-    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert any(p.startswith("deepvit-serve[batch]") for p in runtime_env["pip"])
+    assert "runtimeEnvYAML" not in spec, "nothing is installed at job start: the image has it all"
 
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     workers = [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     images = {c["image"] for pod in (head, *workers) for c in pod["containers"]}
-    assert images == {f"rayproject/ray:{cluster['rayVersion']}-py311-cpu"}
+    assert images == {"deepvit-serve:0.1.0-batch"}  # the tag docker/Dockerfile.batch's header builds
+    assert "-t deepvit-serve:0.1.0-batch " in (ROOT / "docker" / "Dockerfile.batch").read_text()
     # The artifact is read from the model repository volume on the head, where the driver runs.
     mounts = {m["mountPath"]: m for m in head["containers"][0]["volumeMounts"]}
     assert args.artifact.startswith("/models/")
     assert mounts["/models"]["readOnly"] is True
     assert head["volumes"][0]["persistentVolumeClaim"]["claimName"] == "deepvit-models"
+    image_user = read_dockerfile(ROOT / "docker" / "Dockerfile.batch")[-1].last("USER")
     for pod in (head, *workers):
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert f"{pod['securityContext']['runAsUser']}:" in f"{image_user}:"
         assert pod["automountServiceAccountToken"] is False
         (container,) = pod["containers"]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["envFrom"] == [{"secretRef": {"name": "deepvit-batch-s3"}}]
         assert container["resources"]["limits"]["memory"]
+        # HTTP probes of the node's health (test_batch_image.py asks the same of a node of the image): an
+        # operator that would put in its own wget probes keeps these.
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"] == NODE_HEALTH, probe
 
 
 def test_the_image_runs_the_ray_version_the_project_installs(rayjob: dict[str, Any]) -> None:
