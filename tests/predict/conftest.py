@@ -5,6 +5,7 @@ machine (``ray start --head``, then ``ray start --address``), shared by the whol
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -173,7 +174,9 @@ def ray_cluster(ray_env: dict[str, str]) -> Iterator[str]:
     procs = [head]
     try:
         lines = _wait_for_line(head, "ray start --address=", "ray start --head")  # printed once it started
-        address = lines[-1].split("--address=", 1)[1].strip().strip("'\"")
+        # With Ray's dashboard installed (ray[default]) its command line colours what it prints.
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", lines[-1])
+        address = plain.split("--address=", 1)[1].strip().strip("'\"")
         worker_cmd = [str(BIN / "ray"), "start", "--address", address, *node]
         worker = subprocess.Popen(worker_cmd, env=ray_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(worker)
