@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from deepvit.artifact import ArtifactError, ArtifactMetadata
+from deepvit.artifact.batching import Warmup, warmup_batch_sizes
 from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Candidates, Engine, candidates, host_engines
 from deepvit.artifact.session import open_session
 
 AUTO = "auto"
 CHOICES = (AUTO, *ENGINES)
 TIMED_RUNS = 2  # the best of two: a neighbour's burst inflates one run, not both; each run costs the job time
-WITHIN = 0.05  # a smaller batch within 5% of the best time per image is as good, and its calls are shorter
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,6 @@ def seconds_per_image(session: Any, batch: np.ndarray, clock: Callable[[], float
     return best / len(batch)
 
 
-def batch_sizes(largest: int) -> list[int]:
-    """The inference batch sizes an actor tries: powers of two up to ``largest``, and ``largest``."""
-    sizes = [1]
-    while sizes[-1] * 2 <= largest:
-        sizes.append(sizes[-1] * 2)
-    return sizes if sizes[-1] == largest else [*sizes, largest]
-
-
 def choose(
     model: bytes,
     meta: ArtifactMetadata,
@@ -98,21 +90,22 @@ def choose(
     open_engine: Callable[[bytes, Engine, int], Any] = engine_session,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Chosen:
-    """The session to compute with and the size of its calls: each candidate timed at each size up to the
+    """The session to compute with and the size of its calls: each candidate warmed at each size up to the
     job's ``batch_size`` (the rows an actor is handed at a time); the engine with the fewest seconds per
-    image, at the smallest size within :data:`WITHIN` of its best (the service's warm-up's rule)."""
+    image, at the size the service's warm-up would keep (:meth:`Warmup.best_batch_size`: the smallest within
+    5% of its best)."""
     found = allowed(meta, wanted, found)
     crop = meta.preprocess.crop_size
     pixels = np.random.default_rng(batch_size).integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8)
     sessions: dict[str, Any] = {}
-    timings: dict[str, dict[int, float]] = {}
+    warmups: dict[str, Warmup] = {}
     for engine in found.engines:
-        sessions[engine.name] = open_engine(model, engine, threads)
-        timings[engine.name] = {
-            n: seconds_per_image(sessions[engine.name], pixels[:n], clock) for n in batch_sizes(batch_size)
-        }
-    rates = {name: 1.0 / min(by_size.values()) for name, by_size in timings.items()}
+        started = clock()
+        session = sessions[engine.name] = open_engine(model, engine, threads)
+        timings = {n: n * seconds_per_image(session, pixels[:n], clock) for n in warmup_batch_sizes(batch_size)}
+        warmups[engine.name] = Warmup(clock() - started, timings)
+    unbounded = float("inf")  # an actor's calls wait for no one: no latency budget bounds their size
+    rates = {name: 1.0 / w.best_time_per_image(unbounded) for name, w in warmups.items()}
     best = max(rates, key=lambda name: rates[name])
-    fastest = min(timings[best].values())
-    size = min(n for n, t in timings[best].items() if t <= fastest * (1 + WITHIN))
+    size = warmups[best].best_batch_size(unbounded)
     return Chosen(sessions[best], ENGINES[best], size, rates, found.refused)

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from deepvit.artifact import ArtifactError
+from deepvit.artifact.batching import Warmup
 from deepvit.artifact.engines import candidates, host_engines
 
 from ..batcher import Batcher
@@ -38,7 +39,7 @@ from ..engines import ChosenBy, EngineChoice, fixed_engine
 from ..errors import BadRequestError, NotFoundError, UnavailableError
 from ..memory import lower_thread_priority
 from ..metrics import Metrics
-from ..runtime import GPU_PROVIDERS, LoadCancelledError, ModelRuntime, Prediction, Warmup
+from ..runtime import GPU_PROVIDERS, LoadCancelledError, ModelRuntime, Prediction
 from .disk import Signature, artifact_signature, scan_repository, select_versions
 from .io import ModelIO
 from .observers import BatchMetrics, QueueDepth

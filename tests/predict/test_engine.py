@@ -14,7 +14,7 @@ import pytest
 from deepvit.artifact import ArtifactError
 from deepvit.artifact.engines import CPU_ENGINE, OPENVINO_BF16, OPENVINO_ENGINE, Candidates, Engine
 from deepvit.artifact.session import read_metadata
-from deepvit.predict.engine import TIMED_RUNS, batch_sizes, choose, engine_session, seconds_per_image
+from deepvit.predict.engine import TIMED_RUNS, choose, engine_session, seconds_per_image
 
 HOST = Candidates((CPU_ENGINE, OPENVINO_ENGINE), {"openvino-bf16": "no BF16 on this CPU"})
 
@@ -103,11 +103,6 @@ def test_the_best_of_the_timed_runs_counts() -> None:
 
     session = Session(clock, {})
     assert seconds_per_image(session, np.zeros((4, 2, 2, 3), np.uint8), clock) == pytest.approx(0.05)
-
-
-@pytest.mark.parametrize(("largest", "sizes"), [(1, [1]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]), (12, [1, 2, 4, 8, 12])])
-def test_the_sizes_tried(largest: int, sizes: list[int]) -> None:
-    assert batch_sizes(largest) == sizes
 
 
 @pytest.mark.parametrize("threads", [1, 2])

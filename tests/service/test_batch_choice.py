@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from serving import metric_samples
 
+from deepvit.artifact.batching import Warmup
 from deepvit.service.config import Settings
 from deepvit.service.metrics import Metrics
 from deepvit.service.models.manager import ModelManager
-from deepvit.service.runtime import ModelRuntime, Warmup
+from deepvit.service.runtime import ModelRuntime
 
 
 def test_the_most_efficient_batch_within_the_budget_wins() -> None:
