@@ -18,7 +18,6 @@ import numpy as np
 from deepvit.artifact import OUTPUT_NAME, ArtifactMetadata, ImageError
 from deepvit.artifact.pixels import ImageLimits, preprocess
 from deepvit.artifact.predictions import Scored, top_k
-from deepvit.artifact.session import metadata_of, open_session
 
 from .engine import AUTO, choose
 from .inputs import display_path
@@ -38,7 +37,7 @@ class ClassifierSpec:
     need no access to where it is stored)."""
 
     artifact: Any  # its bytes, or a Ray ObjectRef of them
-    source: str  # where the artifact came from, for error messages
+    meta: ArtifactMetadata  # as the driver read it: an actor need not parse the model once more for it
     model: ModelIdentity
     top_k: int
     threads: int
@@ -58,7 +57,7 @@ class Classifier:
             import ray
 
             model = ray.get(model)
-        self.meta: ArtifactMetadata = metadata_of(open_session(model, optimize=False), spec.source)
+        self.meta = spec.meta
         self.chosen = choose(model, self.meta, spec.engine, spec.threads, spec.batch_size)
         self.session = self.chosen.session
         # Ray forwards an actor's output to the driver's terminal: one line says what computes here and why.

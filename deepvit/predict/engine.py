@@ -21,7 +21,7 @@ import numpy as np
 
 from deepvit.artifact import ArtifactError, ArtifactMetadata
 from deepvit.artifact.batching import Warmup, warmup_batch_sizes
-from deepvit.artifact.engines import CPU_ENGINE, ENGINES, Candidates, Engine, candidates, host_engines
+from deepvit.artifact.engines import ENGINES, Candidates, Engine, candidates, host_engines
 from deepvit.artifact.session import open_session
 
 AUTO = "auto"
@@ -50,8 +50,7 @@ class Chosen:
 
 def engine_session(model: bytes, engine: Engine, threads: int) -> Any:
     """A session of ``engine`` over ``threads`` cores, its pool threads not spinning between batches."""
-    plugin = None if engine.provider == CPU_ENGINE.provider else engine
-    return open_session(model, intra_op_threads=threads, inter_op_threads=1, spinning=False, engine=plugin)
+    return open_session(model, intra_op_threads=threads, inter_op_threads=1, spinning=False, engine=engine)
 
 
 def allowed(meta: ArtifactMetadata, wanted: str, found: Candidates | None = None) -> Candidates:

@@ -109,7 +109,6 @@ class Summary:
 @dataclass(frozen=True)
 class Artifact:
     data: bytes
-    source: str
     model: ModelIdentity
     meta: ArtifactMetadata
 
@@ -128,7 +127,7 @@ def load_artifact(location: str) -> Artifact:
     # In a model repository (<name>/<version>/model.onnx) the served name and version are the folders'.
     in_repository = len(parts) >= 3 and parts[-2].isdigit()
     name, version = (parts[-3], int(parts[-2])) if in_repository else (meta.name, None)
-    return Artifact(data, location, ModelIdentity(name, version, hashlib.sha256(data).hexdigest()), meta)
+    return Artifact(data, ModelIdentity(name, version, hashlib.sha256(data).hexdigest()), meta)
 
 
 def check_engine(cfg: PredictConfig, artifact: Artifact) -> None:
@@ -214,7 +213,7 @@ def _pipeline(
         model = ray.put(artifact.data)
         spec = ClassifierSpec(
             model,
-            artifact.source,
+            artifact.meta,
             artifact.model,
             cfg.top_k,
             cfg.threads_per_actor,

@@ -14,7 +14,7 @@ from PIL import Image
 from deepvit.artifact import OUTPUT_NAME
 from deepvit.artifact.pixels import preprocess
 from deepvit.artifact.predictions import top_k
-from deepvit.artifact.session import metadata_of, open_session
+from deepvit.artifact.session import metadata_of, open_session, read_metadata
 from deepvit.predict.classifier import SERVICE_LIMITS, Classifier, ClassifierSpec
 from deepvit.predict.rows import COLUMNS, ModelIdentity
 
@@ -24,7 +24,8 @@ MODEL = ModelIdentity("tiny", 1, "ab" * 32)
 
 
 def _classifier(artifact: Path, scheme: str = "", engine: str = "cpu") -> Classifier:
-    return Classifier(ClassifierSpec(artifact.read_bytes(), str(artifact), MODEL, 3, 1, engine=engine, scheme=scheme))
+    spec = ClassifierSpec(artifact.read_bytes(), read_metadata(artifact), MODEL, 3, 1, engine=engine, scheme=scheme)
+    return Classifier(spec)
 
 
 def test_rows_hold_the_top_k_of_the_pixel_path_or_the_error(artifact: Path, mixed_folder: Path) -> None:
